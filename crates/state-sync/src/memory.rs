@@ -1,0 +1,206 @@
+//! [`MemorySource`]: a source of truth for one topic inside one process.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::BoxError;
+use crate::protocol::{InvalidationEvent, SnapshotEnvelope};
+use crate::provider::{FetchError, FetchRequest, Fetched, Provider};
+use crate::revision::Revision;
+use crate::subscriber::{InvalidationSink, Subscriber, Subscription};
+use crate::topic::Topic;
+
+/// A source of truth for one topic, in memory: each [`publish`](Self::publish)
+/// bumps the revision by one and invalidates every subscribed handle.
+///
+/// It is both the [`Subscriber`] and the [`Provider`] for in-process
+/// replicas, and answers conditional fetches with
+/// [`Fetched::NotModified`]. Cheap to clone; clones share the state.
+///
+/// Data is cloned into each fetch; wrap large states in an `Arc`.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync::{MemorySource, Revision, Topic};
+///
+/// let source = MemorySource::new(Topic::new("settings")?, String::from("light"));
+/// assert_eq!(source.revision(), Revision::ZERO);
+/// assert_eq!(source.publish("dark".into()), Revision::new(1));
+/// assert_eq!(source.snapshot().data, "dark");
+/// # Ok::<(), state_sync::InvalidTopic>(())
+/// ```
+pub struct MemorySource<T> {
+    inner: Arc<Inner<T>>,
+}
+
+struct Inner<T> {
+    topic: Topic,
+    state: Mutex<SnapshotEnvelope<T>>,
+    subscribers: Mutex<HashMap<u64, InvalidationSink>>,
+    next_id: AtomicU64,
+}
+
+impl<T> Clone for MemorySource<T> {
+    fn clone(&self) -> Self {
+        MemorySource {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// The topic asked for is not the one this source holds.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown topic `{asked}` (this source holds `{held}`)")]
+pub struct UnknownTopic {
+    asked: Topic,
+    held: Topic,
+}
+
+fn lock<U>(m: &Mutex<U>) -> MutexGuard<'_, U> {
+    // Every critical section leaves the data consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
+    /// A source at revision `0` holding `initial`.
+    pub fn new(topic: Topic, initial: T) -> Self {
+        MemorySource {
+            inner: Arc::new(Inner {
+                topic,
+                state: Mutex::new(SnapshotEnvelope::new(Revision::ZERO, initial)),
+                subscribers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The topic.
+    #[must_use]
+    pub fn topic(&self) -> &Topic {
+        &self.inner.topic
+    }
+
+    /// The current revision.
+    #[must_use]
+    pub fn revision(&self) -> Revision {
+        lock(&self.inner.state).revision
+    }
+
+    /// The current snapshot.
+    #[must_use]
+    pub fn snapshot(&self) -> SnapshotEnvelope<T> {
+        lock(&self.inner.state).clone()
+    }
+
+    /// Replaces the state; returns the new revision.
+    pub fn publish(&self, data: T) -> Revision {
+        self.commit(None, |_| data)
+    }
+
+    /// Replaces the state on behalf of `source_id`, which the invalidation
+    /// carries (so that writer can skip its own change).
+    pub fn publish_from(&self, source_id: impl Into<String>, data: T) -> Revision {
+        self.commit(Some(source_id.into()), |_| data)
+    }
+
+    /// Computes the new state from the current one, atomically with respect
+    /// to other writers; returns the new revision.
+    pub fn update(&self, f: impl FnOnce(&T) -> T) -> Revision {
+        self.commit(None, f)
+    }
+
+    /// Number of live subscriptions.
+    #[must_use]
+    pub fn subscriber_count(&self) -> usize {
+        lock(&self.inner.subscribers).len()
+    }
+
+    fn commit(&self, source_id: Option<String>, f: impl FnOnce(&T) -> T) -> Revision {
+        let revision = {
+            let mut state = lock(&self.inner.state);
+            let data = f(&state.data);
+            *state = SnapshotEnvelope::new(state.revision.next(), data);
+            state.revision
+        };
+        let event = InvalidationEvent {
+            topic: self.inner.topic.clone(),
+            revision,
+            source_id,
+            timestamp_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .and_then(|d| u64::try_from(d.as_millis()).ok()),
+        };
+        // Deliver outside every lock: sinks may run user filters.
+        let sinks: Vec<InvalidationSink> = lock(&self.inner.subscribers).values().cloned().collect();
+        for sink in &sinks {
+            sink.deliver(&event);
+        }
+        revision
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Subscriber for MemorySource<T> {
+    fn subscribe(
+        &self,
+        topic: &Topic,
+        sink: InvalidationSink,
+    ) -> impl Future<Output = Result<Subscription, BoxError>> + Send {
+        let result = if topic.matches(&self.inner.topic) {
+            let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+            lock(&self.inner.subscribers).insert(id, sink);
+            let weak = Arc::downgrade(&self.inner);
+            Ok(Subscription::new(move || {
+                if let Some(inner) = weak.upgrade() {
+                    lock(&inner.subscribers).remove(&id);
+                }
+            }))
+        } else {
+            Err(UnknownTopic {
+                asked: topic.clone(),
+                held: self.inner.topic.clone(),
+            }
+            .into())
+        };
+        std::future::ready(result)
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Provider for MemorySource<T> {
+    type Data = T;
+
+    fn fetch(
+        &self,
+        request: &FetchRequest,
+    ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
+        let result = if request.topic.matches(&self.inner.topic) {
+            let state = lock(&self.inner.state);
+            Ok(match request.if_newer_than {
+                Some(known) if known >= state.revision => Fetched::NotModified {
+                    revision: state.revision,
+                },
+                _ => Fetched::Snapshot(state.clone()),
+            })
+        } else {
+            Err(FetchError::unavailable(UnknownTopic {
+                asked: request.topic.clone(),
+                held: self.inner.topic.clone(),
+            }))
+        };
+        std::future::ready(result)
+    }
+}
+
+impl<T> fmt::Debug for MemorySource<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySource")
+            .field("topic", &self.inner.topic)
+            .field("revision", &lock(&self.inner.state).revision)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,171 @@
+//! [`Topic`]: the name of one logical piece of state.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The name of one logical piece of state (`"settings"`, `"cart:user:42"`).
+///
+/// A topic is any string that is non-empty after trimming. It is matched
+/// exactly: `" settings"` and `"settings"` are different topics. Cloning is
+/// cheap (a reference count), so events and handles share one allocation.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync::Topic;
+///
+/// let topic = Topic::new("settings")?;
+/// assert_eq!(topic.as_str(), "settings");
+/// assert!(Topic::new("   ").is_err());
+/// # Ok::<(), state_sync::InvalidTopic>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Topic(Arc<str>);
+
+/// The string is not a valid topic: it is empty or only whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("topic must be non-empty after trimming, got {0:?}")]
+pub struct InvalidTopic(pub String);
+
+impl Topic {
+    /// Validates and wraps a topic name.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidTopic`] when the name is empty after trimming.
+    pub fn new(name: impl AsRef<str>) -> Result<Self, InvalidTopic> {
+        let name = name.as_ref();
+        if is_valid_topic(name) {
+            Ok(Topic(Arc::from(name)))
+        } else {
+            Err(InvalidTopic(name.to_owned()))
+        }
+    }
+
+    /// The topic name.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` is this topic, compared exactly. Cheap when both
+    /// share an allocation.
+    #[must_use]
+    pub fn matches(&self, other: &Topic) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+/// Whether `name` is a valid topic: non-empty after trimming.
+#[must_use]
+pub fn is_valid_topic(name: &str) -> bool {
+    !name.trim().is_empty()
+}
+
+impl Deref for Topic {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl FromStr for Topic {
+    type Err = InvalidTopic;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Topic::new(s)
+    }
+}
+
+impl TryFrom<&str> for Topic {
+    type Error = InvalidTopic;
+
+    fn try_from(value: &str) -> Result<Self, Self::Error> {
+        Topic::new(value)
+    }
+}
+
+impl TryFrom<String> for Topic {
+    type Error = InvalidTopic;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Topic::new(value)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for Topic {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Topic::new(&*name).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_topics_are_rejected() {
+        for bad in ["", " ", "\t\n"] {
+            assert_eq!(Topic::new(bad), Err(InvalidTopic(bad.to_owned())));
+            assert!(serde_json::from_str::<Topic>(&format!("{bad:?}")).is_err());
+        }
+    }
+
+    #[test]
+    fn topics_match_exactly_without_trimming() {
+        let a = Topic::new("settings").unwrap();
+        let b = Topic::new(" settings").unwrap();
+        assert!(!a.matches(&b));
+        assert!(a.matches(&Topic::new("settings").unwrap()));
+        assert_eq!(b.as_str(), " settings");
+    }
+}
