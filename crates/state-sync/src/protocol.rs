@@ -394,7 +394,8 @@ mod tests {
 
     #[test]
     fn bad_events_keep_the_raw_payload() {
-        let cases: [(&[u8], fn(&ProtocolErrorKind) -> bool); 6] = [
+        type Case = (&'static [u8], fn(&ProtocolErrorKind) -> bool);
+        let cases: [Case; 6] = [
             (b"not json", |k| matches!(k, ProtocolErrorKind::Malformed(_))),
             (b"[1]", |k| matches!(k, ProtocolErrorKind::Malformed(_))),
             (br#"{"topic":"","revision":"1"}"#, |k| {
