@@ -132,7 +132,9 @@ impl<T: Send + Sync + 'static> Applier<T> for Arc<RwLock<T>> {
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         // A poisoned lock only means another writer panicked; the value is
         // replaced wholesale, so it is safe to recover.
-        let mut guard = self.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard = snapshot.data;
         drop(guard);
         std::future::ready(Ok(()))

@@ -292,7 +292,12 @@ trait Core: Send + Sync + 'static {
 
 impl SyncHandle {
     /// Starts building a handle for `topic` from its three roles.
-    pub fn builder<S, P, A>(topic: Topic, subscriber: S, provider: P, applier: A) -> Builder<S, P, A>
+    pub fn builder<S, P, A>(
+        topic: Topic,
+        subscriber: S,
+        provider: P,
+        applier: A,
+    ) -> Builder<S, P, A>
     where
         S: Subscriber,
         P: Provider,
@@ -584,12 +589,7 @@ where
         }
     }
 
-    fn fail(
-        &self,
-        phase: Phase,
-        context: ErrorContext,
-        source: impl Into<BoxError>,
-    ) -> Error {
+    fn fail(&self, phase: Phase, context: ErrorContext, source: impl Into<BoxError>) -> Error {
         let error = Error::new(phase, self.gate.topic.clone(), context, source);
         self.report(&error);
         error
@@ -632,7 +632,9 @@ where
             if st.lifecycle == Lifecycle::Stopped {
                 return;
             }
-            st.pending.get_or_insert_with(Pending::default).merge(event, forced);
+            st.pending
+                .get_or_insert_with(Pending::default)
+                .merge(event, forced);
             if let Some(d) = self.options.debounce {
                 st.debounce_until = Some(Instant::now() + d);
             }
@@ -788,8 +790,15 @@ where
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let fetch =
+                AssertUnwindSafe(async { self.provider.fetch(&request).await }).catch_unwind();
             let fetched = tokio::select! {
-                r = self.provider.fetch(&request) => r,
+                r = fetch => r.unwrap_or_else(|panic| {
+                    Err(FetchError::unavailable(format!(
+                        "provider panicked: {}",
+                        panic_message(&*panic)
+                    )))
+                }),
                 () = self.cancelled() => return Ok(None),
             };
             let failure = match fetched {
@@ -844,7 +853,8 @@ where
         let applied = APPLYING
             .scope(
                 self.id(),
-                AssertUnwindSafe(self.applier.apply(snapshot)).catch_unwind(),
+                // Lazily, so a panic while building the future is caught too.
+                AssertUnwindSafe(async { self.applier.apply(snapshot).await }).catch_unwind(),
             )
             .await;
         let failure: BoxError = match applied {

@@ -137,7 +137,8 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
                 .and_then(|d| u64::try_from(d.as_millis()).ok()),
         };
         // Deliver outside every lock: sinks may run user filters.
-        let sinks: Vec<InvalidationSink> = lock(&self.inner.subscribers).values().cloned().collect();
+        let sinks: Vec<InvalidationSink> =
+            lock(&self.inner.subscribers).values().cloned().collect();
         for sink in &sinks {
             sink.deliver(&event);
         }

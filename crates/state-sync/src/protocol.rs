@@ -163,7 +163,8 @@ impl TryFrom<Value> for InvalidationEvent {
 impl fmt::Debug for InvalidationEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("InvalidationEvent");
-        s.field("topic", &self.topic).field("revision", &self.revision);
+        s.field("topic", &self.topic)
+            .field("revision", &self.revision);
         if let Some(id) = &self.source_id {
             s.field("source_id", id);
         }
@@ -396,7 +397,9 @@ mod tests {
     fn bad_events_keep_the_raw_payload() {
         type Case = (&'static [u8], fn(&ProtocolErrorKind) -> bool);
         let cases: [Case; 6] = [
-            (b"not json", |k| matches!(k, ProtocolErrorKind::Malformed(_))),
+            (b"not json", |k| {
+                matches!(k, ProtocolErrorKind::Malformed(_))
+            }),
             (b"[1]", |k| matches!(k, ProtocolErrorKind::Malformed(_))),
             (br#"{"topic":"","revision":"1"}"#, |k| {
                 matches!(k, ProtocolErrorKind::EmptyTopic)

@@ -10,9 +10,7 @@ use std::time::Duration;
 use common::{Answer, Errors, ScriptedSource, event, settle, topic};
 use serde_json::{Value, json};
 use state_sync::testkit::Recorder;
-use state_sync::{
-    Phase, Revision, SnapshotEnvelope, Status, SyncHandle, applier,
-};
+use state_sync::{Phase, Revision, SnapshotEnvelope, Status, SyncHandle, applier};
 
 fn handle(source: &ScriptedSource, recorder: &Recorder<Value>, errors: &Errors) -> SyncHandle {
     SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())

@@ -166,10 +166,18 @@ impl Provider for ScriptedSource {
         if let Some(sem) = hold {
             sem.acquire().await.unwrap().forget();
         }
+        // The answer is what the source held when the fetch started.
+        let answer = self.answer(request);
         let delay = *self.fetch_delay.lock().unwrap();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        answer
+    }
+}
+
+impl ScriptedSource {
+    fn answer(&self, request: &FetchRequest) -> Result<Fetched<Value>, FetchError> {
         let mut st = self.state.lock().unwrap();
         st.fetch_requests.push(request.if_newer_than);
         match st.script.pop_front().unwrap_or(Answer::Current) {
