@@ -1,1 +1,195 @@
-fn main() {}
+//! Engine micro-benchmarks; prints one JSON object per workload.
+//!
+//! ```text
+//! cargo run --release -p state-sync --example engine_bench
+//! ```
+//!
+//! - `stale_storm`: 1 000 000 invalidations at or below the local revision
+//!   (none may fetch) — the cost of the revision gate;
+//! - `burst`: 100 000 publishes, each with its invalidation, until the
+//!   replica has the last one — the cost of coalescing;
+//! - `fanout`: 10 000 handles on one source, 20 updates each awaited until
+//!   every handle applied it; plus the resident memory of an idle handle.
+//! - `baseline_clone`: cloning one event per iteration, the floor any
+//!   event-passing design pays, measured in the same run for comparison.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use state_sync::{
+    BoxError, FetchError, FetchRequest, Fetched, InvalidationEvent, InvalidationSink, MemorySource,
+    Provider, Revision, Subscriber, Subscription, SyncHandle, Topic, applier,
+};
+
+/// Counts fetches on the way to the real provider.
+#[derive(Clone)]
+struct Counting<P> {
+    inner: P,
+    fetches: Arc<AtomicU64>,
+}
+
+impl<P: Provider> Provider for Counting<P> {
+    type Data = P::Data;
+
+    async fn fetch(&self, request: &FetchRequest) -> Result<Fetched<P::Data>, FetchError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.inner.fetch(request).await
+    }
+}
+
+/// Hands the sink to the benchmark so it can deliver events directly.
+#[derive(Clone, Default)]
+struct Capture(Arc<OnceLock<InvalidationSink>>);
+
+impl Subscriber for Capture {
+    async fn subscribe(&self, _: &Topic, sink: InvalidationSink) -> Result<Subscription, BoxError> {
+        let _ = self.0.set(sink);
+        Ok(Subscription::noop())
+    }
+}
+
+fn noop_applier() -> impl state_sync::Applier<u64> {
+    applier::from_fn(|_s: state_sync::SnapshotEnvelope<u64>| Ok::<_, std::convert::Infallible>(()))
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+async fn stale_storm() -> Result<(), BoxError> {
+    const EVENTS: u64 = 1_000_000;
+    let topic = Topic::new("bench")?;
+    let source = MemorySource::new(topic.clone(), 0u64);
+    for i in 1..=1000 {
+        source.publish(i);
+    }
+    let fetches = Arc::new(AtomicU64::new(0));
+    let capture = Capture::default();
+    let provider = Counting {
+        inner: source.clone(),
+        fetches: fetches.clone(),
+    };
+    let handle =
+        SyncHandle::builder(topic.clone(), capture.clone(), provider, noop_applier()).build();
+    handle.start().await?;
+    assert_eq!(handle.local_revision(), Revision::new(1000));
+    let sink = capture.0.get().ok_or("not subscribed")?.clone();
+    let events: Vec<_> = (0..=1000u64)
+        .map(|r| InvalidationEvent::new(topic.clone(), Revision::new(r)))
+        .collect();
+
+    let t = Instant::now();
+    for i in 0..EVENTS {
+        sink.deliver(black_box(&events[(i % 1001) as usize]));
+    }
+    let gate_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
+
+    let t = Instant::now();
+    for i in 0..EVENTS {
+        black_box(black_box(&events[(i % 1001) as usize]).clone());
+    }
+    let clone_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
+
+    tokio::task::yield_now().await;
+    let extra_fetches = fetches.load(Ordering::Relaxed) - 1;
+    assert_eq!(extra_fetches, 0, "a stale event caused a fetch");
+    println!(
+        r#"{{"workload":"stale_storm","events":{EVENTS},"ns_per_event":{gate_ns:.2},"fetches":{extra_fetches}}}"#
+    );
+    println!(
+        r#"{{"workload":"baseline_clone","events":{EVENTS},"ns_per_event":{clone_ns:.2},"ratio_stale_storm_to_baseline":{:.2}}}"#,
+        gate_ns / clone_ns
+    );
+    handle.stop().await;
+    Ok(())
+}
+
+async fn burst() -> Result<(), BoxError> {
+    const EVENTS: u64 = 100_000;
+    let topic = Topic::new("bench")?;
+    let source = MemorySource::new(topic.clone(), 0u64);
+    let fetches = Arc::new(AtomicU64::new(0));
+    let provider = Counting {
+        inner: source.clone(),
+        fetches: fetches.clone(),
+    };
+    let handle = SyncHandle::builder(topic, source.clone(), provider, noop_applier()).build();
+    handle.start().await?;
+    fetches.store(0, Ordering::Relaxed);
+
+    let t = Instant::now();
+    let mut last = Revision::ZERO;
+    for i in 1..=EVENTS {
+        last = source.publish(i);
+    }
+    handle.wait_for_revision(last).await?;
+    let elapsed = t.elapsed();
+    println!(
+        r#"{{"workload":"burst","events":{EVENTS},"ms":{:.2},"ns_per_event":{:.1},"fetches":{}}}"#,
+        elapsed.as_secs_f64() * 1e3,
+        elapsed.as_nanos() as f64 / EVENTS as f64,
+        fetches.load(Ordering::Relaxed)
+    );
+    handle.stop().await;
+    Ok(())
+}
+
+async fn fanout() -> Result<(), BoxError> {
+    const HANDLES: usize = 10_000;
+    const UPDATES: u64 = 20;
+    let topic = Topic::new("bench")?;
+    let source = MemorySource::new(topic.clone(), 0u64);
+
+    let rss_before = rss_bytes();
+    let mut handles = Vec::with_capacity(HANDLES);
+    for _ in 0..HANDLES {
+        let h = SyncHandle::builder(
+            topic.clone(),
+            source.clone(),
+            source.clone(),
+            noop_applier(),
+        )
+        .build();
+        h.start().await?;
+        handles.push(h);
+    }
+    let bytes_per_handle = rss_bytes().saturating_sub(rss_before) as f64 / HANDLES as f64;
+
+    let t = Instant::now();
+    for i in 1..=UPDATES {
+        let r = source.publish(i);
+        for h in &handles {
+            h.wait_for_revision(r).await?;
+        }
+    }
+    let per = t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * UPDATES as f64);
+    println!(
+        r#"{{"workload":"fanout","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
+    );
+    for h in &handles {
+        h.stop().await;
+    }
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Run on a worker thread, as application code would: tasks spawned from
+    // there go to the local run queue.
+    rt.block_on(async {
+        tokio::spawn(async {
+            stale_storm().await?;
+            burst().await?;
+            fanout().await
+        })
+        .await?
+    })
+}

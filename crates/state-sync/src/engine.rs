@@ -401,6 +401,11 @@ impl SyncHandle {
     ///
     /// Cancel safe.
     pub async fn wait_for_revision(&self, revision: Revision) -> Result<Revision, Stopped> {
+        if let Some(local) = self.core.gate().local()
+            && local >= revision
+        {
+            return Ok(local);
+        }
         let mut rx = self.core.progress().subscribe();
         let seen = rx
             .wait_for(|s| s.revision >= Some(revision) || s.status == Status::Stopped)
