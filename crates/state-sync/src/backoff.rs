@@ -127,7 +127,7 @@ impl RetryPolicy {
 /// use std::time::Duration;
 /// use state_sync::{Backoff, RetryPolicy};
 ///
-/// let mut backoff = RetryPolicy::default().backoff();
+/// let mut backoff: Backoff = RetryPolicy::default().backoff();
 /// assert_eq!(backoff.next_delay(), Some(Duration::from_millis(500)));
 /// assert_eq!(backoff.next_delay(), Some(Duration::from_secs(1)));
 /// assert_eq!(backoff.next_delay(), None); // 3 attempts used

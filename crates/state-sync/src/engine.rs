@@ -258,7 +258,7 @@ impl<S, P, A> fmt::Debug for Builder<S, P, A> {
 /// # Examples
 ///
 /// ```
-/// use state_sync::{applier, MemorySource, SyncHandle, Topic};
+/// use state_sync::{MemorySource, SyncHandle, Topic};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

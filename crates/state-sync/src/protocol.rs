@@ -248,6 +248,18 @@ impl<T: serde::de::DeserializeOwned> SnapshotEnvelope<T> {
 /// How much of a bad payload an error keeps for the report.
 const RAW_LIMIT: usize = 4096;
 
+/// Cuts `text` to at most [`RAW_LIMIT`] bytes on a char boundary.
+fn truncate(mut text: String) -> String {
+    if text.len() > RAW_LIMIT {
+        let mut end = RAW_LIMIT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// A payload that does not follow the protocol. Keeps the raw payload
 /// (truncated to 4 KiB) so the report shows what actually arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,22 +306,14 @@ impl ProtocolError {
     #[must_use]
     pub fn with_raw_bytes(mut self, raw: &[u8]) -> Self {
         let end = raw.len().min(RAW_LIMIT);
-        self.raw = Some(String::from_utf8_lossy(&raw[..end]).into_owned());
+        self.raw = Some(truncate(String::from_utf8_lossy(&raw[..end]).into_owned()));
         self
     }
 
     /// Keeps a parsed payload for the report.
     #[must_use]
     pub fn with_raw_value(mut self, value: &Value) -> Self {
-        let mut text = value.to_string();
-        if text.len() > RAW_LIMIT {
-            let mut end = RAW_LIMIT;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-        }
-        self.raw = Some(text);
+        self.raw = Some(truncate(value.to_string()));
         self
     }
 

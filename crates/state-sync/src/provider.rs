@@ -97,6 +97,7 @@ impl FetchError {
 ///         Ok(Fetched::Snapshot(SnapshotEnvelope::new(current, "hello".to_owned())))
 ///     }
 /// }
+/// # let _ = Fixed;
 /// ```
 pub trait Provider: Send + Sync + 'static {
     /// The state type.

@@ -43,6 +43,7 @@ use crate::topic::Topic;
 ///         Ok(Subscription::new(move || task.abort()))
 ///     }
 /// }
+/// # let _ = Broadcast(broadcast::channel(1).0);
 /// ```
 pub trait Subscriber: Send + Sync + 'static {
     /// Starts delivering invalidations for `topic` to `sink`.

@@ -13,7 +13,6 @@
 //! # Examples
 //!
 //! ```
-//! use std::time::Duration;
 //! use state_sync::testkit::{Faults, Recorder, SimulatedBus};
 //! use state_sync::{MemorySource, SyncHandle, Topic};
 //!

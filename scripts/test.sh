@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit, integration, property and doc tests.
+# Installs what the tests need first (nothing beyond the Rust toolchain yet;
+# cargo-nextest is used when present, plain `cargo test` otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --all-features --no-fail-fast
+else
+  cargo test --workspace --all-features --lib --bins --tests --examples
+fi
+# nextest does not run doctests.
+cargo test --workspace --all-features --doc
