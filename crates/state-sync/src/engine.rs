@@ -544,11 +544,7 @@ where
     A: Applier<P::Data>,
 {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent at every unlock; a panic elsewhere
-        // cannot leave it half-written.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.state)
     }
 
     fn id(&self) -> usize {
@@ -1027,6 +1023,16 @@ struct EngineSink<S, P: Provider, A> {
     engine: Weak<Engine<S, P, A>>,
 }
 
+impl<S, P: Provider, A> EngineSink<S, P, A> {
+    /// The engine, unless it is stopped or dropped.
+    fn live_engine(&self) -> Option<Arc<Engine<S, P, A>>> {
+        if self.gate.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.engine.upgrade()
+    }
+}
+
 impl<S, P, A> SinkTarget for EngineSink<S, P, A>
 where
     S: Subscriber,
@@ -1050,9 +1056,7 @@ where
     }
 
     fn protocol_error(&self, error: ProtocolError) {
-        if let Some(engine) = self.engine.upgrade()
-            && !self.gate.closed.load(Ordering::Relaxed)
-        {
+        if let Some(engine) = self.live_engine() {
             let context = ErrorContext {
                 raw: error.raw().map(str::to_owned),
                 ..engine.context(None)
@@ -1062,17 +1066,13 @@ where
     }
 
     fn transport_error(&self, error: BoxError) {
-        if let Some(engine) = self.engine.upgrade()
-            && !self.gate.closed.load(Ordering::Relaxed)
-        {
+        if let Some(engine) = self.live_engine() {
             engine.fail(Phase::Invalidation, engine.context(None), error);
         }
     }
 
     fn connection_lost(&self, error: BoxError) {
-        if let Some(engine) = self.engine.upgrade()
-            && !self.gate.closed.load(Ordering::Relaxed)
-        {
+        if let Some(engine) = self.live_engine() {
             engine.set_status(Status::Interrupted);
             let context = ErrorContext {
                 will_retry: true,
@@ -1083,9 +1083,7 @@ where
     }
 
     fn connection_restored(&self) {
-        if let Some(engine) = self.engine.upgrade()
-            && !self.gate.closed.load(Ordering::Relaxed)
-        {
+        if let Some(engine) = self.live_engine() {
             if engine.lock().lifecycle == Lifecycle::Started {
                 engine.set_status(Status::Live);
             }

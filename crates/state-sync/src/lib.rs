@@ -78,3 +78,12 @@ pub use provider::{FetchError, FetchRequest, Fetched, Provider};
 pub use revision::{ParseRevisionError, Revision};
 pub use subscriber::{InvalidationSink, Subscriber, Subscription};
 pub use topic::{InvalidTopic, Topic, is_valid_topic};
+
+/// Locks a mutex, recovering from poisoning: every critical section in this
+/// crate leaves its data consistent, so a panic elsewhere cannot expose a
+/// half-written value.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

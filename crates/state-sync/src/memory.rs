@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::BoxError;
@@ -59,11 +61,6 @@ impl<T> Clone for MemorySource<T> {
 pub struct UnknownTopic {
     asked: Topic,
     held: Topic,
-}
-
-fn lock<U>(m: &Mutex<U>) -> MutexGuard<'_, U> {
-    // Every critical section leaves the data consistent.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<T: Clone + Send + Sync + 'static> MemorySource<T> {

@@ -43,7 +43,9 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock;
 use std::time::Duration;
 
 use crate::applier::Applier;
@@ -168,10 +170,6 @@ struct BusInner {
 #[derive(Clone)]
 pub struct SimulatedBus {
     inner: Arc<BusInner>,
-}
-
-fn lock<U>(m: &Mutex<U>) -> MutexGuard<'_, U> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl SimulatedBus {
