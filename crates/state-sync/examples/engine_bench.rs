@@ -139,7 +139,7 @@ async fn burst() -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn fanout() -> Result<(), BoxError> {
+async fn fanout(runtime: &str) -> Result<(), BoxError> {
     const HANDLES: usize = 10_000;
     const UPDATES: u64 = 20;
     let topic = Topic::new("bench")?;
@@ -169,7 +169,7 @@ async fn fanout() -> Result<(), BoxError> {
     }
     let per = t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * UPDATES as f64);
     println!(
-        r#"{{"workload":"fanout","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
+        r#"{{"workload":"fanout","runtime":"{runtime}","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
     );
     for h in &handles {
         h.stop().await;
@@ -188,8 +188,13 @@ fn main() -> Result<(), BoxError> {
         tokio::spawn(async {
             stale_storm().await?;
             burst().await?;
-            fanout().await
+            fanout("multi_thread(2)").await
         })
         .await?
-    })
+    })?;
+    // The same fan-out on one thread: no cross-thread wake-ups.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(fanout("current_thread"))
 }
