@@ -596,12 +596,12 @@ where
         error
     }
 
-    /// Resolves once the handle is stopped.
-    fn cancelled(&self) -> impl Future<Output = ()> + Send + 'static {
+    /// Resolves once the handle is stopped. Subscribes only when first
+    /// polled, so a `biased` select whose other branch is ready at once
+    /// costs nothing here.
+    async fn cancelled(&self) {
         let mut rx = self.progress.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| s.status == Status::Stopped).await;
-        }
+        let _ = rx.wait_for(|s| s.status == Status::Stopped).await;
     }
 
     // ---- invalidations -------------------------------------------------
@@ -668,15 +668,24 @@ where
                     Throttled::FireNow => {}
                     Throttled::Cancelled => return self.worker_exit(),
                     Throttled::Drop => {
-                        let dropped = self.lock().pending.take();
-                        if let Some(p) = dropped {
+                        // Exit under the same lock that empties the slot, so
+                        // a later invalidation starts a new worker.
+                        let dropped = {
+                            let mut st = self.lock();
+                            st.worker_running = false;
+                            st.pending.take()
+                        };
+                        // Dropping inside a window is the configured
+                        // behaviour; dropping everything is a misconfiguration.
+                        let misconfigured = !throttle.leading && !throttle.trailing;
+                        if let Some(p) = dropped.filter(|_| misconfigured) {
                             self.fail(
                                 Phase::Throttle,
                                 self.context(p.event.as_ref()),
                                 "invalidation dropped: throttle has both edges disabled",
                             );
                         }
-                        continue;
+                        return;
                     }
                 }
             }
@@ -709,6 +718,9 @@ where
     /// Debounce: sleeps until no invalidation arrived for the configured
     /// delay. Returns `false` when stopped or nothing is pending.
     async fn wait_for_quiet(&self) -> bool {
+        if self.options.debounce.is_none() {
+            return true;
+        }
         loop {
             let deadline = {
                 let st = self.lock();
@@ -794,6 +806,7 @@ where
             let fetch =
                 AssertUnwindSafe(async { self.provider.fetch(&request).await }).catch_unwind();
             let fetched = tokio::select! {
+                biased;
                 r = fetch => r.unwrap_or_else(|panic| {
                     Err(FetchError::unavailable(format!(
                         "provider panicked: {}",

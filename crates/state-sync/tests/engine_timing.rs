@@ -123,6 +123,10 @@ async fn throttle_leading_only_drops_invalidations_inside_the_window() {
         Revision::new(3),
         "new window, leading edge"
     );
+    assert!(
+        errors.all().is_empty(),
+        "drops inside a window are not errors"
+    );
 }
 
 #[tokio::test(start_paused = true)]
