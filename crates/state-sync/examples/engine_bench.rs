@@ -11,7 +11,10 @@
 //! - `fanout`: 10 000 handles on one source, 20 updates each awaited until
 //!   every handle applied it; plus the resident memory of an idle handle.
 //! - `baseline_clone`: cloning one event per iteration, the floor any
-//!   event-passing design pays, measured in the same run for comparison.
+//!   event-passing design pays, measured in the same run for comparison;
+//! - `baseline_spawn_watch`: per handle and update, one spawned task that
+//!   sends on a `watch` channel, awaited — the floor of fan-out through one
+//!   Tokio task per replica, measured in the same run.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -174,7 +177,36 @@ async fn fanout(runtime: &str) -> Result<(), BoxError> {
     for h in &handles {
         h.stop().await;
     }
+    drop(handles);
+    // Measured after the engine's run so it does not skew its memory figure.
+    let baseline = spawn_watch_baseline().await?;
+    println!(
+        r#"{{"workload":"baseline_spawn_watch","runtime":"{runtime}","us_per_update_per_handle":{baseline:.3},"ratio_fanout_to_baseline":{:.2}}}"#,
+        per / baseline
+    );
     Ok(())
+}
+
+/// The fan-out floor: one task spawn and one `watch` send per handle and
+/// update. Returns µs per handle per update.
+async fn spawn_watch_baseline() -> Result<f64, BoxError> {
+    const HANDLES: usize = 10_000;
+    const UPDATES: u64 = 20;
+    let senders: Vec<_> = (0..HANDLES)
+        .map(|_| Arc::new(tokio::sync::watch::channel(0u64).0))
+        .collect();
+    let t = Instant::now();
+    for i in 0..UPDATES {
+        let mut tasks = Vec::with_capacity(HANDLES);
+        for s in &senders {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move { s.send_modify(|v| *v = i) }));
+        }
+        for task in tasks {
+            task.await?;
+        }
+    }
+    Ok(t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * UPDATES as f64))
 }
 
 fn main() -> Result<(), BoxError> {
