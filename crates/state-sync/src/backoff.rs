@@ -138,7 +138,8 @@ impl RetryPolicy {
 pub struct Backoff {
     policy: RetryPolicy,
     retries: u32,
-    rng: fastrand::Rng,
+    /// Seeded on first use: most backoffs never retry.
+    rng: Option<fastrand::Rng>,
 }
 
 impl Backoff {
@@ -148,14 +149,14 @@ impl Backoff {
         Backoff {
             policy,
             retries: 0,
-            rng: fastrand::Rng::new(),
+            rng: None,
         }
     }
 
     /// Uses a seeded random source for jitter, for reproducible tests.
     #[must_use]
     pub fn with_seed(mut self, seed: u64) -> Self {
-        self.rng = fastrand::Rng::with_seed(seed);
+        self.rng = Some(fastrand::Rng::with_seed(seed));
         self
     }
 
@@ -169,7 +170,8 @@ impl Backoff {
         let delay = self.policy.delay_for_retry(self.retries);
         Some(if self.policy.jitter {
             let half = delay / 2;
-            half + half.mul_f64(self.rng.f64())
+            let rng = self.rng.get_or_insert_with(fastrand::Rng::new);
+            half + half.mul_f64(rng.f64())
         } else {
             delay
         })

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::applier::Applier;
@@ -76,16 +76,6 @@ pub enum Status {
     Interrupted,
     /// Stopped for good.
     Stopped,
-}
-
-/// A handle's status and last applied revision, as seen through
-/// [`SyncHandle::watch_status`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HandleStatus {
-    /// Where the handle is in its life.
-    pub status: Status,
-    /// The last applied revision; `None` before the first apply.
-    pub revision: Option<Revision>,
 }
 
 /// Rate limits for invalidation-triggered refreshes.
@@ -214,10 +204,7 @@ where
 
     /// Builds the handle. Nothing happens until [`SyncHandle::start`].
     pub fn build(self) -> SyncHandle {
-        let (progress, _) = watch::channel(HandleStatus {
-            status: Status::Idle,
-            revision: None,
-        });
+        let (progress, _) = watch::channel(Status::Idle);
         let gate = Arc::new(Gate {
             topic: self.topic,
             local: AtomicU64::new(0),
@@ -232,6 +219,7 @@ where
             options: self.options,
             state: Mutex::new(State::default()),
             progress,
+            revision_changed: Notify::new(),
             turn: tokio::sync::Mutex::new(()),
             start_turn: tokio::sync::Mutex::new(()),
             runtime: OnceLock::new(),
@@ -284,7 +272,8 @@ pub struct SyncHandle {
 
 trait Core: Send + Sync + 'static {
     fn gate(&self) -> &Gate;
-    fn progress(&self) -> &watch::Sender<HandleStatus>;
+    fn progress(&self) -> &watch::Sender<Status>;
+    fn revision_changed(&self) -> &Notify;
     fn start(self: Arc<Self>) -> BoxFuture<'static, Result<()>>;
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()>;
     fn refresh(self: Arc<Self>) -> BoxFuture<'static, Result<()>>;
@@ -381,13 +370,15 @@ impl SyncHandle {
     /// The current status.
     #[must_use]
     pub fn status(&self) -> Status {
-        self.core.progress().borrow().status
+        *self.core.progress().borrow()
     }
 
-    /// A receiver that sees every status and revision change (latest value
-    /// wins, like any `watch`).
+    /// A receiver that sees every status change (latest value wins, like
+    /// any `watch`). Revisions are read with
+    /// [`local_revision`](Self::local_revision) and awaited with
+    /// [`wait_for_revision`](Self::wait_for_revision).
     #[must_use]
-    pub fn watch_status(&self) -> watch::Receiver<HandleStatus> {
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
         self.core.progress().subscribe()
     }
 
@@ -401,19 +392,21 @@ impl SyncHandle {
     ///
     /// Cancel safe.
     pub async fn wait_for_revision(&self, revision: Revision) -> Result<Revision, Stopped> {
-        if let Some(local) = self.core.gate().local()
-            && local >= revision
-        {
-            return Ok(local);
-        }
-        let mut rx = self.core.progress().subscribe();
-        let seen = rx
-            .wait_for(|s| s.revision >= Some(revision) || s.status == Status::Stopped)
-            .await
-            .map_err(|_| Stopped)?;
-        match seen.revision {
-            Some(r) if r >= revision => Ok(r),
-            _ => Err(Stopped),
+        let gate = self.core.gate();
+        loop {
+            // Register before checking, so an apply in between is not missed.
+            let notified = self.core.revision_changed().notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(local) = gate.local()
+                && local >= revision
+            {
+                return Ok(local);
+            }
+            if gate.closed.load(Ordering::Acquire) {
+                return Err(Stopped);
+            }
+            notified.await;
         }
     }
 }
@@ -500,7 +493,9 @@ struct Engine<S, P: Provider, A> {
     applier: A,
     options: Options,
     state: Mutex<State>,
-    progress: watch::Sender<HandleStatus>,
+    progress: watch::Sender<Status>,
+    /// Wakes `wait_for_revision` callers after each apply and at stop.
+    revision_changed: Notify,
     /// One fetch-and-apply at a time; `stop` takes a turn to wait out a
     /// running apply.
     turn: tokio::sync::Mutex<()>,
@@ -557,9 +552,9 @@ where
 
     fn set_status(&self, status: Status) {
         self.progress.send_if_modified(|s| {
-            let changed = s.status != status && s.status != Status::Stopped;
+            let changed = *s != status && *s != Status::Stopped;
             if changed {
-                s.status = status;
+                *s = status;
             }
             changed
         });
@@ -601,7 +596,7 @@ where
     /// costs nothing here.
     async fn cancelled(&self) {
         let mut rx = self.progress.subscribe();
-        let _ = rx.wait_for(|s| s.status == Status::Stopped).await;
+        let _ = rx.wait_for(|s| *s == Status::Stopped).await;
     }
 
     // ---- invalidations -------------------------------------------------
@@ -874,7 +869,7 @@ where
         let failure: BoxError = match applied {
             Ok(Ok(())) => {
                 self.gate.record_applied(revision);
-                self.progress.send_modify(|s| s.revision = Some(revision));
+                self.revision_changed.notify_waiters();
                 tracing::debug!(topic = %self.gate.topic, %revision, "applied");
                 return Ok(());
             }
@@ -979,10 +974,11 @@ where
         self.gate.closed.store(true, Ordering::Release);
         drop(subscription);
         self.progress.send_if_modified(|s| {
-            let changed = s.status != Status::Stopped;
-            s.status = Status::Stopped;
+            let changed = *s != Status::Stopped;
+            *s = Status::Stopped;
             changed
         });
+        self.revision_changed.notify_waiters();
         if !self.in_own_apply() {
             // Fetches and retry sleeps end at the stop signal; a running
             // apply finishes before we get the turn.
@@ -1012,8 +1008,12 @@ where
         &self.gate
     }
 
-    fn progress(&self) -> &watch::Sender<HandleStatus> {
+    fn progress(&self) -> &watch::Sender<Status> {
         &self.progress
+    }
+
+    fn revision_changed(&self) -> &Notify {
+        &self.revision_changed
     }
 
     fn start(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {

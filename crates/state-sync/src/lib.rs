@@ -70,7 +70,7 @@ mod topic;
 
 pub use applier::Applier;
 pub use backoff::{Backoff, RetryPolicy};
-pub use engine::{Builder, HandleStatus, Status, SyncHandle, Throttle};
+pub use engine::{Builder, Status, SyncHandle, Throttle};
 pub use error::{BoxError, Error, ErrorContext, Phase, Result, Stopped};
 pub use memory::{MemorySource, UnknownTopic};
 pub use protocol::{InvalidationEvent, ProtocolError, ProtocolErrorKind, SnapshotEnvelope};

@@ -298,10 +298,7 @@ async fn refresh_and_stop_from_inside_the_applier_do_not_deadlock() {
     h.start().await.unwrap();
     source.publish(2, json!(2));
     let mut status = h.watch_status();
-    status
-        .wait_for(|s| s.status == Status::Stopped)
-        .await
-        .unwrap();
+    status.wait_for(|s| *s == Status::Stopped).await.unwrap();
     assert_eq!(h.local_revision(), Revision::new(3));
 }
 
