@@ -364,7 +364,7 @@ impl SyncHandle {
     /// The last applied revision; [`Revision::ZERO`] before the first apply.
     #[must_use]
     pub fn local_revision(&self) -> Revision {
-        Revision::new(self.core.gate().local.load(Ordering::Acquire))
+        self.core.gate().revision()
     }
 
     /// The current status.
@@ -434,6 +434,11 @@ impl Gate {
     /// applied. Nothing is stale before the first apply.
     fn is_stale(&self, revision: Revision) -> bool {
         self.applied.load(Ordering::Acquire) && revision.get() <= self.local.load(Ordering::Acquire)
+    }
+
+    /// The last applied revision, `0` before the first apply.
+    fn revision(&self) -> Revision {
+        Revision::new(self.local.load(Ordering::Acquire))
     }
 
     fn local(&self) -> Option<Revision> {
@@ -508,22 +513,6 @@ tokio::task_local! {
     /// The engine whose applier the current task is running, to make
     /// re-entrant `refresh` and `stop` calls safe.
     static APPLYING: usize;
-}
-
-/// Why a refresh runs.
-enum Cause {
-    Start,
-    Manual,
-    Invalidation(InvalidationEvent),
-}
-
-impl Cause {
-    fn event(&self) -> Option<&InvalidationEvent> {
-        match self {
-            Cause::Invalidation(e) => Some(e),
-            Cause::Start | Cause::Manual => None,
-        }
-    }
 }
 
 enum Throttled {
@@ -700,9 +689,8 @@ where
             {
                 continue;
             }
-            let cause = pending.event.map_or(Cause::Manual, Cause::Invalidation);
             // Errors were reported; the engine keeps running.
-            let _ = self.refresh_turn(cause).await;
+            let _ = self.refresh_turn(pending.event.as_ref()).await;
         }
     }
 
@@ -759,20 +747,20 @@ where
     // ---- fetch and apply -----------------------------------------------
 
     /// One fetch (with retries) and, if newer, one apply, in turn with every
-    /// other refresh.
-    async fn refresh_turn(&self, cause: Cause) -> Result<()> {
+    /// other refresh. `cause` is the invalidation that asked for it, if any.
+    async fn refresh_turn(&self, cause: Option<&InvalidationEvent>) -> Result<()> {
         let _turn = self.turn.lock().await;
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let Some(snapshot) = self.fetch_with_retry(cause.event()).await? else {
+        let Some(snapshot) = self.fetch_with_retry(cause).await? else {
             return Ok(());
         };
         if self.gate.is_stale(snapshot.revision) {
             tracing::debug!(
                 topic = %self.gate.topic,
                 snapshot = %snapshot.revision,
-                local = %self.local_revision(),
+                local = %self.gate.revision(),
                 "snapshot not newer than local state; not applied"
             );
             return Ok(());
@@ -780,11 +768,7 @@ where
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.apply(snapshot, cause.event()).await
-    }
-
-    fn local_revision(&self) -> Revision {
-        Revision::new(self.gate.local.load(Ordering::Acquire))
+        self.apply(snapshot, cause).await
     }
 
     /// `Ok(None)`: not modified, or stopped while fetching.
@@ -928,7 +912,7 @@ where
             }
             st.subscription = Some(subscription);
         }
-        if let Err(e) = self.refresh_turn(Cause::Start).await {
+        if let Err(e) = self.refresh_turn(None).await {
             let subscription = self.lock().subscription.take();
             self.roll_back(subscription);
             return Err(e);
@@ -948,7 +932,7 @@ where
         if spawn {
             self.spawn_worker();
         }
-        tracing::debug!(topic = %self.gate.topic, revision = %self.local_revision(), "started");
+        tracing::debug!(topic = %self.gate.topic, revision = %self.gate.revision(), "started");
         Ok(())
     }
 
@@ -994,7 +978,7 @@ where
             self.request(None, true);
             return Ok(());
         }
-        self.refresh_turn(Cause::Manual).await
+        self.refresh_turn(None).await
     }
 }
 
