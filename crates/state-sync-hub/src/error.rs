@@ -1,51 +1,128 @@
-//! Storage errors.
+//! Hub errors, each with a stable [`code`](Error::code).
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
-/// `Result` with this crate's [`Error`].
+use state_sync::{BoxError, InvalidTopic, Revision, Topic};
+
+/// `Result` with the hub's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A storage operation failed.
-#[derive(Debug, thiserror::Error)]
+/// A hub operation failed. Nothing was committed.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Reading or writing a file failed. Usually retryable (disk full,
-    /// permissions fixed by the operator).
-    #[error("storage I/O failed at {path}")]
-    Io {
-        /// The file or directory involved.
-        path: PathBuf,
-        /// The cause.
+    /// The topic name is not valid.
+    #[error(transparent)]
+    InvalidTopic(#[from] InvalidTopic),
+    /// No topic of that name is open on this hub.
+    #[error("unknown topic `{topic}`")]
+    UnknownTopic {
+        /// The topic asked for.
+        topic: Topic,
+    },
+    /// The topic is open with another Rust type.
+    #[error("topic `{topic}` is open as `{opened_as}`, not `{requested}`")]
+    TypeMismatch {
+        /// The topic.
+        topic: Topic,
+        /// The type it was opened with.
+        opened_as: &'static str,
+        /// The type asked for.
+        requested: &'static str,
+    },
+    /// A compare-and-set found another revision than the one expected.
+    #[error("conflict on `{topic}`: expected revision {expected}, current is {current}")]
+    Conflict {
+        /// The topic.
+        topic: Topic,
+        /// The revision the writer expected.
+        expected: Revision,
+        /// The revision the topic was at.
+        current: Revision,
+    },
+    /// Data (stored, or offered as JSON) does not decode as the topic's type.
+    /// A stored record that fails here is left untouched.
+    #[error("data for `{topic}` is not valid")]
+    InvalidData {
+        /// The topic.
+        topic: Topic,
+        /// Why it does not decode.
         #[source]
-        source: std::io::Error,
+        source: Arc<serde_json::Error>,
     },
-    /// A stored file is corrupt or truncated. It was renamed aside to
-    /// `quarantined` and nothing was overwritten; the previous good copy, if
-    /// any, is at `backup`. Not retryable: an operator decides what to
-    /// restore.
-    #[error(
-        "stored file {path} is corrupt ({reason}); moved to {quarantined}{}",
-        backup.as_ref().map(|b| format!("; last good copy at {}", b.display())).unwrap_or_default()
-    )]
-    Corrupt {
-        /// Where the file was.
-        path: PathBuf,
-        /// Where it is now.
-        quarantined: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-        /// The last good copy, if one exists.
-        backup: Option<PathBuf>,
+    /// The new value could not be encoded as JSON.
+    #[error("value for `{topic}` cannot be encoded as JSON")]
+    Encode {
+        /// The topic.
+        topic: Topic,
+        /// Why.
+        #[source]
+        source: Arc<serde_json::Error>,
     },
-    /// A background task running blocking file work failed.
-    #[error("storage task failed")]
-    Task(#[source] tokio::task::JoinError),
+    /// An update closure returned an error or panicked.
+    #[error("update of `{topic}` failed")]
+    Update {
+        /// The topic.
+        topic: Topic,
+        /// What the closure reported.
+        #[source]
+        source: Arc<BoxError>,
+    },
+    /// The storage backend failed; the write was not committed and the
+    /// previous state is intact.
+    #[error("storage failed{}", topic.as_ref().map(|t| format!(" for `{t}`")).unwrap_or_default())]
+    Storage {
+        /// The topic, unless the failure concerned them all.
+        topic: Option<Topic>,
+        /// The backend's error.
+        #[source]
+        source: Arc<state_sync_storage::Error>,
+    },
+    /// The topic is at the largest revision; no more writes are possible.
+    #[error("topic `{topic}` has reached the largest revision")]
+    RevisionsExhausted {
+        /// The topic.
+        topic: Topic,
+    },
+    /// The hub is closed (or closing) and takes no more writes.
+    #[error("the hub is closed")]
+    Closed,
 }
 
 impl Error {
-    /// Whether trying again may succeed.
+    /// A stable, machine-readable code for this error, used on the wire by
+    /// the transports: `invalid_topic`, `unknown_topic`, `type_mismatch`,
+    /// `conflict`, `invalid_data`, `encode`, `update_failed`, `storage`,
+    /// `revisions_exhausted`, `closed`.
     #[must_use]
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::Task(_))
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidTopic(_) => "invalid_topic",
+            Error::UnknownTopic { .. } => "unknown_topic",
+            Error::TypeMismatch { .. } => "type_mismatch",
+            Error::Conflict { .. } => "conflict",
+            Error::InvalidData { .. } => "invalid_data",
+            Error::Encode { .. } => "encode",
+            Error::Update { .. } => "update_failed",
+            Error::Storage { .. } => "storage",
+            Error::RevisionsExhausted { .. } => "revisions_exhausted",
+            Error::Closed => "closed",
+        }
+    }
+
+    /// The current revision, for a [`Conflict`](Error::Conflict).
+    #[must_use]
+    pub fn current_revision(&self) -> Option<Revision> {
+        match self {
+            Error::Conflict { current, .. } => Some(*current),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn invalid_data(topic: &Topic, source: serde_json::Error) -> Self {
+        Error::InvalidData {
+            topic: topic.clone(),
+            source: Arc::new(source),
+        }
     }
 }

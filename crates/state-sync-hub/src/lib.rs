@@ -1,26 +1,29 @@
-//! The source of truth for state-sync: where committed `(revision, data)`
-//! records live.
+//! The source of truth for state-sync.
 //!
-//! This crate currently provides the storage layer: the [`Storage`] trait,
-//! [`MemoryStorage`], the crash-safe [`FileStorage`] (the embedded default),
-//! and a conformance suite every backend must pass (feature
-//! `conformance`).
+//! A [`Hub`] holds many topics. Each topic has a typed value (any `serde`
+//! type, or raw JSON), atomic [`update`](HubTopic::update)s,
+//! [`replace`](HubTopic::replace) and
+//! [`compare_and_set`](HubTopic::compare_and_set); every commit makes the
+//! revision exactly one larger, is stored, and sends one invalidation to
+//! every subscriber. Each revision is encoded to JSON once and that
+//! encoding is shared by every reader ([`Snapshot::json`],
+//! [`Hub::get_json`]).
 //!
-//! # Feature flags
+//! A [`HubTopic`] is the [`Subscriber`](state_sync::Subscriber) and
+//! [`Provider`](state_sync::Provider) of in-process replicas, with
+//! conditional fetch; the transports serve the same hub to other processes.
 //!
-//! | feature | default | enables |
-//! |---|---|---|
-//! | `conformance` | no | [`conformance`]: the shared test suite for [`Storage`] backends |
+//! Storage is pluggable ([`state_sync_storage`]); the crash-safe
+//! [`FileStorage`](state_sync_storage::FileStorage) is the embedded default
+//! of the command-line hub. How revisions stay monotonic across restarts,
+//! with or without stored state, is described on [`Hub`].
 #![doc(test(attr(deny(warnings))))]
 
-#[cfg(feature = "conformance")]
-pub mod conformance;
 mod error;
-mod file;
-mod memory;
+mod hub;
 mod storage;
+mod topic;
 
 pub use error::{Error, Result};
-pub use file::{Durability, FileStorage};
-pub use memory::MemoryStorage;
-pub use storage::{Record, Storage};
+pub use hub::{Hub, HubBuilder};
+pub use topic::{HubTopic, JsonSnapshot, Snapshot, TopicValue};

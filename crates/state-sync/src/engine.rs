@@ -144,6 +144,7 @@ struct Options {
     retry: RetryPolicy,
     should_refresh: Option<ShouldRefresh>,
     on_error: Option<OnError>,
+    initial_revision: Option<Revision>,
 }
 
 /// Builds a [`SyncHandle`]; from [`SyncHandle::builder`].
@@ -202,13 +203,24 @@ where
         self
     }
 
+    /// Declares that the applier's state already holds `revision` (for
+    /// example restored from a client-side cache): the revision gate starts
+    /// there, so `start` fetches conditionally and applies only a newer
+    /// snapshot. A source found *behind* this revision on `start` is
+    /// resynced from, as described on [`SyncHandle`].
+    pub fn initial_revision(mut self, revision: Revision) -> Self {
+        self.options.initial_revision = Some(revision);
+        self
+    }
+
     /// Builds the handle. Nothing happens until [`SyncHandle::start`].
     pub fn build(self) -> SyncHandle {
         let (progress, _) = watch::channel(Status::Idle);
+        let initial = self.options.initial_revision;
         let gate = Arc::new(Gate {
             topic: self.topic,
-            local: AtomicU64::new(0),
-            applied: AtomicBool::new(false),
+            local: AtomicU64::new(initial.map_or(0, Revision::get)),
+            applied: AtomicBool::new(initial.is_some()),
             closed: AtomicBool::new(false),
         });
         let engine = Engine {
@@ -242,6 +254,16 @@ impl<S, P, A> fmt::Debug for Builder<S, P, A> {
 ///
 /// Cheap to clone; clones share the engine. Dropping every clone (with no
 /// refresh in progress) unsubscribes, like [`SyncHandle::stop`].
+///
+/// # A source behind the replica
+///
+/// Invalidations at or below the local revision are ignored, so a source
+/// that restarted without its state (its revisions now lower than the
+/// replica's) would be ignored forever. To avoid that, a *resync* —
+/// [`start`](Self::start), and the refresh after a transport reconnects —
+/// adopts the source's snapshot when the source reports a revision *lower*
+/// than the local one, with a warning in the logs. Invalidation-driven and
+/// manual refreshes never move the revision backwards.
 ///
 /// # Examples
 ///
@@ -690,7 +712,9 @@ where
                 continue;
             }
             // Errors were reported; the engine keeps running.
-            let _ = self.refresh_turn(pending.event.as_ref()).await;
+            let _ = self
+                .refresh_turn(pending.event.as_ref(), pending.forced)
+                .await;
         }
     }
 
@@ -748,15 +772,25 @@ where
 
     /// One fetch (with retries) and, if newer, one apply, in turn with every
     /// other refresh. `cause` is the invalidation that asked for it, if any.
-    async fn refresh_turn(&self, cause: Option<&InvalidationEvent>) -> Result<()> {
+    /// A `resync` (start, reconnect) also adopts a source
+    /// found behind the local revision: it restarted without its state.
+    async fn refresh_turn(&self, cause: Option<&InvalidationEvent>, resync: bool) -> Result<()> {
         let _turn = self.turn.lock().await;
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        let Some(snapshot) = self.fetch_with_retry(cause).await? else {
+        let Some(snapshot) = self.fetch_with_retry(cause, resync).await? else {
             return Ok(());
         };
-        if self.gate.is_stale(snapshot.revision) {
+        let local = self.gate.revision();
+        if resync && self.gate.local().is_some() && snapshot.revision < local {
+            tracing::warn!(
+                topic = %self.gate.topic,
+                source = %snapshot.revision,
+                %local,
+                "source is behind the local revision (restarted without its state?); resyncing to it"
+            );
+        } else if self.gate.is_stale(snapshot.revision) {
             tracing::debug!(
                 topic = %self.gate.topic,
                 snapshot = %snapshot.revision,
@@ -775,6 +809,7 @@ where
     async fn fetch_with_retry(
         &self,
         cause: Option<&InvalidationEvent>,
+        resync: bool,
     ) -> Result<Option<SnapshotEnvelope<P::Data>>> {
         let mut request = FetchRequest::new(self.gate.topic.clone());
         request.if_newer_than = self.gate.local();
@@ -797,6 +832,12 @@ where
             let failure = match fetched {
                 Ok(Fetched::Snapshot(snapshot)) => return Ok(Some(snapshot)),
                 Ok(Fetched::NotModified { revision }) => {
+                    let behind = request.if_newer_than.is_some_and(|local| revision < local);
+                    if resync && behind {
+                        // Ask again unconditionally; refresh_turn adopts it.
+                        request.if_newer_than = None;
+                        continue;
+                    }
                     tracing::trace!(topic = %self.gate.topic, %revision, "not modified");
                     return Ok(None);
                 }
@@ -912,7 +953,7 @@ where
             }
             st.subscription = Some(subscription);
         }
-        if let Err(e) = self.refresh_turn(None).await {
+        if let Err(e) = self.refresh_turn(None, true).await {
             let subscription = self.lock().subscription.take();
             self.roll_back(subscription);
             return Err(e);
@@ -978,7 +1019,7 @@ where
             self.request(None, true);
             return Ok(());
         }
-        self.refresh_turn(None).await
+        self.refresh_turn(None, false).await
     }
 }
 

@@ -63,13 +63,30 @@ pub struct UnknownTopic {
     held: Topic,
 }
 
+/// [`MemorySource::publish_at`] was given a revision that is not newer than
+/// the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("revision {offered} is not newer than the current revision {current}")]
+pub struct RevisionNotNewer {
+    /// The source's revision.
+    pub current: Revision,
+    /// The revision offered.
+    pub offered: Revision,
+}
+
 impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
     /// A source at revision `0` holding `initial`.
     pub fn new(topic: Topic, initial: T) -> Self {
+        Self::starting_at(topic, Revision::ZERO, initial)
+    }
+
+    /// A source at `revision` holding `initial`: for sources restored from
+    /// storage, or whose revisions must stay above an earlier run's.
+    pub fn starting_at(topic: Topic, revision: Revision, initial: T) -> Self {
         MemorySource {
             inner: Arc::new(Inner {
                 topic,
-                state: Mutex::new(SnapshotEnvelope::new(Revision::ZERO, initial)),
+                state: Mutex::new(SnapshotEnvelope::new(revision, initial)),
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -111,6 +128,34 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
         self.commit(None, f)
     }
 
+    /// Replaces the state with `data` at exactly `revision` (which must be
+    /// newer than the current one) and sends one invalidation carrying
+    /// `source_id`. For sources that assign revisions themselves, such as a
+    /// hub committing a batch of writes at once.
+    ///
+    /// # Errors
+    ///
+    /// [`RevisionNotNewer`] when `revision` is not newer; nothing changes.
+    pub fn publish_at(
+        &self,
+        revision: Revision,
+        source_id: Option<String>,
+        data: T,
+    ) -> Result<(), RevisionNotNewer> {
+        {
+            let mut state = lock(&self.inner.state);
+            if revision <= state.revision {
+                return Err(RevisionNotNewer {
+                    current: state.revision,
+                    offered: revision,
+                });
+            }
+            *state = SnapshotEnvelope::new(revision, data);
+        }
+        self.invalidate(revision, source_id);
+        Ok(())
+    }
+
     /// Number of live subscriptions.
     #[must_use]
     pub fn subscriber_count(&self) -> usize {
@@ -124,6 +169,11 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
             *state = SnapshotEnvelope::new(state.revision.next(), data);
             state.revision
         };
+        self.invalidate(revision, source_id);
+        revision
+    }
+
+    fn invalidate(&self, revision: Revision, source_id: Option<String>) {
         let event = InvalidationEvent {
             topic: self.inner.topic.clone(),
             revision,
@@ -139,7 +189,6 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
         for sink in &sinks {
             sink.deliver(&event);
         }
-        revision
     }
 }
 

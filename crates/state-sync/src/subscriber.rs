@@ -91,6 +91,28 @@ impl InvalidationSink {
         InvalidationSink { target }
     }
 
+    /// A sink that calls `on_event` for each event of `topic`, for code
+    /// that forwards invalidations rather than syncing a replica (a
+    /// transport server, a log, a test). `on_event` must not block. Error
+    /// and connection reports are logged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use state_sync::{InvalidationEvent, InvalidationSink, Revision, Topic};
+    ///
+    /// let topic = Topic::new("settings")?;
+    /// let sink = InvalidationSink::from_fn(topic.clone(), |event| println!("{}", event.revision));
+    /// sink.deliver(&InvalidationEvent::new(topic, Revision::new(3)));
+    /// # Ok::<(), state_sync::InvalidTopic>(())
+    /// ```
+    pub fn from_fn(
+        topic: Topic,
+        on_event: impl Fn(&InvalidationEvent) + Send + Sync + 'static,
+    ) -> Self {
+        InvalidationSink::new(Arc::new(FnSink { topic, on_event }))
+    }
+
     /// The topic this sink listens to.
     #[must_use]
     pub fn topic(&self) -> &Topic {
@@ -211,5 +233,42 @@ impl fmt::Debug for Subscription {
         f.debug_struct("Subscription")
             .field("active", &self.unsubscribe.is_some())
             .finish()
+    }
+}
+
+struct FnSink<F> {
+    topic: Topic,
+    on_event: F,
+}
+
+impl<F: Fn(&InvalidationEvent) + Send + Sync + 'static> SinkTarget for FnSink<F> {
+    fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    fn deliver(&self, event: &InvalidationEvent) {
+        if event.topic.matches(&self.topic) {
+            (self.on_event)(event);
+        }
+    }
+
+    fn protocol_error(&self, error: ProtocolError) {
+        tracing::warn!(topic = %self.topic, %error, "protocol error");
+    }
+
+    fn transport_error(&self, error: BoxError) {
+        tracing::warn!(topic = %self.topic, %error, "transport error");
+    }
+
+    fn connection_lost(&self, error: BoxError) {
+        tracing::warn!(topic = %self.topic, %error, "connection lost");
+    }
+
+    fn connection_restored(&self) {
+        tracing::info!(topic = %self.topic, "connection restored");
+    }
+
+    fn is_closed(&self) -> bool {
+        false
     }
 }

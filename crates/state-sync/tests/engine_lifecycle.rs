@@ -490,3 +490,52 @@ fn public_types_are_send_and_sync() {
     send(&h.refresh());
     send(&h.wait_for_revision(Revision::ZERO));
 }
+
+#[tokio::test(start_paused = true)]
+async fn initial_revision_makes_start_conditional() {
+    let source = ScriptedSource::new(7, json!("cached"));
+    let recorder = Recorder::with_data();
+    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+        .initial_revision(Revision::new(7))
+        .build();
+    h.start().await.unwrap();
+    assert_eq!(source.fetch_requests(), [Some(Revision::new(7))]);
+    assert!(recorder.is_empty(), "a current replica applied again");
+    assert_eq!(h.local_revision(), Revision::new(7));
+
+    source.publish(8, json!("fresh"));
+    h.wait_for_revision(Revision::new(8)).await.unwrap();
+    assert_eq!(recorder.last_data(), Some(json!("fresh")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_behind_the_replica_is_adopted_on_resync_only() {
+    // The replica holds 42; the source restarted without its state.
+    let source = ScriptedSource::new(3, json!("restarted"));
+    let recorder = Recorder::with_data();
+    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+        .initial_revision(Revision::new(42))
+        .build();
+    h.start().await.unwrap();
+    assert_eq!(recorder.revisions(), [Revision::new(3)]);
+    assert_eq!(h.local_revision(), Revision::new(3));
+
+    // From there, invalidations work again.
+    source.publish(4, json!("next"));
+    h.wait_for_revision(Revision::new(4)).await.unwrap();
+
+    // An invalidation-driven refresh never goes backwards...
+    source.set(2, json!("older"));
+    source.emit(&event(5));
+    settle().await;
+    assert_eq!(h.local_revision(), Revision::new(4));
+    // ...nor does a manual refresh; a reconnect does.
+    h.refresh().await.unwrap();
+    assert_eq!(h.local_revision(), Revision::new(4));
+    for sink in source.sinks() {
+        sink.connection_restored();
+    }
+    settle().await;
+    assert_eq!(h.local_revision(), Revision::new(2));
+    assert_eq!(recorder.last_data(), Some(json!("older")));
+}

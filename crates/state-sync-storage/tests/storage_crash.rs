@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use state_sync::{Revision, Topic};
-use state_sync_hub::{FileStorage, Record, Storage};
+use state_sync_storage::{FileStorage, Record, Storage};
 
 const CHILD_ENV: &str = "STATE_SYNC_CRASH_CHILD_DIR";
 const KILLS: usize = 50;

@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use state_sync::{Revision, Topic};
-use state_sync_hub::{Durability, Error, FileStorage, MemoryStorage, Record, Storage, conformance};
+use state_sync_storage::{
+    Durability, Error, FileStorage, MemoryStorage, Record, Storage, conformance,
+};
 
 #[tokio::test]
 async fn memory_storage_conforms() {

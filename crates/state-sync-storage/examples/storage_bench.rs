@@ -1,7 +1,7 @@
 //! Commits per second for each storage backend; one JSON line each.
 //!
 //! ```text
-//! cargo run --release -p state-sync-hub --example storage_bench
+//! cargo run --release -p state-sync-storage --example storage_bench
 //! ```
 //!
 //! Each backend stores N records of ~200 bytes to one topic, one after the
@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use state_sync::{Revision, Topic};
-use state_sync_hub::{Durability, FileStorage, MemoryStorage, Record, Storage};
+use state_sync_storage::{Durability, FileStorage, MemoryStorage, Record, Storage};
 
 async fn commits_per_sec<S: Storage>(
     storage: &S,

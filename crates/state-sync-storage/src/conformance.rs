@@ -3,7 +3,7 @@
 //! # Usage
 //!
 //! ```
-//! use state_sync_hub::{conformance, MemoryStorage};
+//! use state_sync_storage::{conformance, MemoryStorage};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {

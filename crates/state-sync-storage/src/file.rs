@@ -56,7 +56,7 @@ pub enum Durability {
 ///
 /// ```
 /// use state_sync::{Revision, Topic};
-/// use state_sync_hub::{FileStorage, Record, Storage};
+/// use state_sync_storage::{FileStorage, Record, Storage};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {

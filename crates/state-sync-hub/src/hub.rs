@@ -1,0 +1,361 @@
+//! [`Hub`]: many topics, one storage.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use state_sync::{BoxError, InvalidationSink, Revision, Subscriber, Subscription, Topic};
+use state_sync_storage::{MemoryStorage, Storage};
+use tokio::sync::OnceCell;
+
+use crate::error::{Error, Result};
+use crate::storage::DynStorage;
+use crate::topic::{HubTopic, JsonSnapshot, RawTopic, TopicCore, TopicValue};
+
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) queue_capacity: usize,
+    pub(crate) max_batch: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            queue_capacity: 1024,
+            max_batch: 256,
+        }
+    }
+}
+
+/// The revision a topic starts at when nothing is stored for it: the wall
+/// clock in microseconds since the Unix epoch (at least 1).
+pub(crate) fn revision_floor() -> Revision {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    Revision::new(micros.max(1))
+}
+
+type Slot = Arc<OnceCell<Arc<dyn RawTopic>>>;
+
+/// The source of truth: many topics, each with atomic writes and
+/// compare-and-set, committed to one [`Storage`].
+///
+/// # Revisions never go backwards
+///
+/// - A topic with a stored record continues from the stored revision: every
+///   revision a replica has seen was stored before anyone was told of it
+///   (writes are acknowledged and invalidated only after `store`).
+/// - A topic with nothing stored (new, or storage lost) starts at a
+///   revision taken from the wall clock, in microseconds since the Unix
+///   epoch. It is above every revision an earlier run of the hub issued
+///   unless that run averaged more than a million commits per second on
+///   the topic, or the clock was set back.
+/// - For what remains (a clock set back, a backend that lost its last
+///   writes), replicas adopt a source found *behind* them whenever they
+///   resync (start, manual refresh, reconnect); see
+///   [`SyncHandle`](state_sync::SyncHandle).
+///
+/// # Durability and batching
+///
+/// Writes that queue up on a topic while its previous store is in flight
+/// are committed together by one store (group commit), each keeping its own
+/// revision; each writer is answered once its write is stored. The
+/// durability of a store is the backend's: see
+/// [`Durability`](state_sync_storage::Durability). [`group_commit(false)`]
+/// stores every write on its own.
+///
+/// [`group_commit(false)`]: HubBuilder::group_commit
+///
+/// # Examples
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use state_sync::SyncHandle;
+/// use state_sync_hub::Hub;
+///
+/// #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// struct Settings {
+///     theme: String,
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = Hub::in_memory();
+/// let settings = hub.topic("settings", Settings::default).await?;
+///
+/// // An in-process replica.
+/// let (tx, rx) = tokio::sync::watch::channel(Settings::default());
+/// let replica =
+///     SyncHandle::builder(settings.topic().clone(), settings.clone(), settings.clone(), tx).build();
+/// replica.start().await?;
+///
+/// let revision = settings.update(|s| Settings { theme: "dark".into(), ..s.clone() }).await?;
+/// replica.wait_for_revision(revision).await?;
+/// assert_eq!(rx.borrow().theme, "dark");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Arc<dyn DynStorage>,
+    options: Options,
+    topics: Mutex<HashMap<Topic, Slot>>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Configures a [`Hub`]; from [`Hub::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct HubBuilder {
+    storage: Arc<dyn DynStorage>,
+    options: Options,
+}
+
+impl HubBuilder {
+    /// Where committed records are stored (default: [`MemoryStorage`]).
+    pub fn storage(mut self, storage: impl Storage) -> Self {
+        self.storage = Arc::new(storage);
+        self
+    }
+
+    /// Whether writes queued while a store is in flight are committed by
+    /// one store (default: `true`). Off, every write is stored on its own.
+    pub fn group_commit(mut self, on: bool) -> Self {
+        self.options.max_batch = if on { Options::default().max_batch } else { 1 };
+        self
+    }
+
+    /// How many writes may wait per topic before writers wait too
+    /// (default: 1024).
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.options.queue_capacity = capacity.max(1);
+        self
+    }
+
+    /// Builds the hub. Topics are loaded when first opened.
+    pub fn build(self) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                storage: self.storage,
+                options: self.options,
+                topics: Mutex::new(HashMap::new()),
+                closed: Arc::new(AtomicBool::new(false)),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for HubBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubBuilder")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub builder.
+    pub fn builder() -> HubBuilder {
+        HubBuilder {
+            storage: Arc::new(MemoryStorage::new()),
+            options: Options::default(),
+        }
+    }
+
+    /// A hub on [`MemoryStorage`]: nothing survives the process.
+    #[must_use]
+    pub fn in_memory() -> Hub {
+        Hub::builder().build()
+    }
+
+    /// A hub on `storage` with default options.
+    #[must_use]
+    pub fn new(storage: impl Storage) -> Hub {
+        Hub::builder().storage(storage).build()
+    }
+
+    /// Opens topic `name` with values of type `T`: its stored state if any,
+    /// else `default()`. Opening an open topic returns a handle on it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTopic`]; [`Error::TypeMismatch`] when the topic is
+    /// open with another type; [`Error::InvalidData`] when the stored record
+    /// does not decode as `T` (it is left untouched, never replaced by the
+    /// default); [`Error::Storage`] when loading fails.
+    pub async fn topic<T: TopicValue>(
+        &self,
+        name: impl AsRef<str>,
+        default: impl FnOnce() -> T,
+    ) -> Result<HubTopic<T>> {
+        let topic = Topic::new(name)?;
+        let slot = self.slot(&topic);
+        let raw = slot
+            .get_or_try_init(|| async {
+                let core = TopicCore::open(
+                    topic.clone(),
+                    self.inner.storage.clone(),
+                    &self.inner.options,
+                    default,
+                    self.inner.closed.clone(),
+                )
+                .await?;
+                Ok::<Arc<dyn RawTopic>, Error>(core)
+            })
+            .await?;
+        let opened_as = raw.type_name();
+        raw.clone()
+            .as_any()
+            .downcast::<TopicCore<T>>()
+            .map(HubTopic::new)
+            .map_err(|_| Error::TypeMismatch {
+                topic,
+                opened_as,
+                requested: std::any::type_name::<T>(),
+            })
+    }
+
+    /// Opens topic `name` holding raw JSON, starting at `null` when nothing
+    /// is stored.
+    ///
+    /// # Errors
+    ///
+    /// As for [`topic`](Self::topic).
+    pub async fn json_topic(&self, name: impl AsRef<str>) -> Result<HubTopic<Value>> {
+        self.topic(name, || Value::Null).await
+    }
+
+    /// Opens every topic found in storage as raw JSON (topics already open
+    /// keep their type). Returns their names.
+    ///
+    /// # Errors
+    ///
+    /// As for [`topic`](Self::topic).
+    pub async fn open_stored_topics(&self) -> Result<Vec<Topic>> {
+        let topics = self
+            .inner
+            .storage
+            .topics()
+            .await
+            .map_err(|e| Error::Storage {
+                topic: None,
+                source: Arc::new(e),
+            })?;
+        for topic in &topics {
+            if !self.is_open(topic) {
+                self.json_topic(topic.as_str()).await?;
+            }
+        }
+        Ok(topics)
+    }
+
+    /// Whether `topic` is open.
+    #[must_use]
+    pub fn is_open(&self, topic: &Topic) -> bool {
+        self.open_topic(topic).is_some()
+    }
+
+    /// The open topics.
+    #[must_use]
+    pub fn topics(&self) -> Vec<Topic> {
+        self.topics_lock()
+            .iter()
+            .filter(|(_, slot)| slot.initialized())
+            .map(|(topic, _)| topic.clone())
+            .collect()
+    }
+
+    /// The current revision and JSON encoding of an open topic, whatever its
+    /// type. The bytes are shared, never re-encoded.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`].
+    pub fn get_json(&self, topic: &Topic) -> Result<JsonSnapshot> {
+        Ok(self.raw(topic)?.json())
+    }
+
+    /// Writes JSON to an open topic, decoding it as the topic's type first.
+    /// With `expected`, this is a compare-and-set. `source_id` is carried
+    /// by the invalidation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTopic`], [`Error::InvalidData`] when `data` does not
+    /// decode, [`Error::Conflict`], and the errors of
+    /// [`HubTopic::replace`].
+    pub async fn set_json(
+        &self,
+        topic: &Topic,
+        data: &[u8],
+        expected: Option<Revision>,
+        source_id: Option<String>,
+    ) -> Result<Revision> {
+        let raw = self.raw(topic)?;
+        raw.set_json(data, expected, source_id).await
+    }
+
+    /// Stops taking writes and waits until every write queued before is
+    /// committed (or has failed). Reads and subscriptions keep working.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let open: Vec<Arc<dyn RawTopic>> = self
+            .topics_lock()
+            .values()
+            .filter_map(|slot| slot.get().cloned())
+            .collect();
+        for topic in open {
+            topic.barrier().await;
+        }
+    }
+
+    fn raw(&self, topic: &Topic) -> Result<Arc<dyn RawTopic>> {
+        self.open_topic(topic).ok_or_else(|| Error::UnknownTopic {
+            topic: topic.clone(),
+        })
+    }
+
+    fn open_topic(&self, topic: &Topic) -> Option<Arc<dyn RawTopic>> {
+        self.topics_lock().get(topic)?.get().cloned()
+    }
+
+    fn slot(&self, topic: &Topic) -> Slot {
+        self.topics_lock().entry(topic.clone()).or_default().clone()
+    }
+
+    fn topics_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Slot>> {
+        self.inner
+            .topics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Subscribes to any open topic; an unknown topic is an error.
+impl Subscriber for Hub {
+    fn subscribe(
+        &self,
+        topic: &Topic,
+        sink: InvalidationSink,
+    ) -> impl Future<Output = Result<Subscription, BoxError>> + Send {
+        let raw = self.raw(topic);
+        async move { raw?.subscribe(sink).await }
+    }
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("topics", &self.topics())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}

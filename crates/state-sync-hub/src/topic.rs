@@ -1,0 +1,570 @@
+//! One topic of a hub: its committed state, its writer task, its typed
+//! handle [`HubTopic`].
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use state_sync::{
+    BoxError, FetchError, FetchRequest, Fetched, InvalidationSink, MemorySource, Provider,
+    Revision, SnapshotEnvelope, Subscriber, Subscription, Topic,
+};
+use state_sync_storage::Record;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::storage::DynStorage;
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a topic's value must be: JSON-serializable, cloneable and shareable
+/// between tasks. Implemented for every such type.
+pub trait TopicValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> TopicValue for T {}
+
+/// One committed revision: the value and its JSON encoding, made once and
+/// shared by every reader.
+#[derive(Debug)]
+pub struct Snapshot<T> {
+    revision: Revision,
+    value: Arc<T>,
+    json: Bytes,
+}
+
+impl<T> Clone for Snapshot<T> {
+    fn clone(&self) -> Self {
+        Snapshot {
+            revision: self.revision,
+            value: self.value.clone(),
+            json: self.json.clone(),
+        }
+    }
+}
+
+impl<T> Snapshot<T> {
+    /// The revision.
+    #[must_use]
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// The value.
+    #[must_use]
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+
+    /// The value, shared.
+    #[must_use]
+    pub fn shared_value(&self) -> Arc<T> {
+        self.value.clone()
+    }
+
+    /// The value's JSON encoding (the `data` of a snapshot on the wire),
+    /// shared rather than copied.
+    #[must_use]
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+}
+
+/// A committed revision as kept by the in-memory source: no revision field,
+/// the source's envelope carries it.
+#[derive(Debug)]
+pub(crate) struct Shared<T> {
+    value: Arc<T>,
+    json: Bytes,
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared {
+            value: self.value.clone(),
+            json: self.json.clone(),
+        }
+    }
+}
+
+/// A topic's data as JSON, encoded once per revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonSnapshot {
+    /// The revision.
+    pub revision: Revision,
+    /// The JSON encoding of the data.
+    pub data: Bytes,
+}
+
+type UpdateFn<T> = Box<dyn FnOnce(&T) -> Result<T, BoxError> + Send>;
+
+enum Change<T> {
+    Replace(T),
+    Update(UpdateFn<T>),
+    CompareAndSet { expected: Revision, value: T },
+}
+
+enum Op<T> {
+    Write {
+        change: Change<T>,
+        source_id: Option<String>,
+        reply: oneshot::Sender<Result<Revision>>,
+    },
+    /// Answered once every write queued before it is committed or failed.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// The shared part of a topic: its state (kept by a [`MemorySource`], which
+/// also fans invalidations out) and the queue of its writer task.
+pub(crate) struct TopicCore<T> {
+    source: MemorySource<Shared<T>>,
+    writes: mpsc::Sender<Op<T>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<T: TopicValue> TopicCore<T> {
+    /// Opens `topic` from `storage`, or at `floor` holding `default` when
+    /// nothing is stored, and starts its writer task.
+    pub(crate) async fn open(
+        topic: Topic,
+        storage: Arc<dyn DynStorage>,
+        options: &crate::hub::Options,
+        default: impl FnOnce() -> T,
+        closed: Arc<AtomicBool>,
+    ) -> Result<Arc<Self>> {
+        let storage_error = |e| Error::Storage {
+            topic: Some(topic.clone()),
+            source: Arc::new(e),
+        };
+        let (revision, shared) = match storage.load(&topic).await.map_err(storage_error)? {
+            Some(record) => {
+                let value = serde_json::from_slice(&record.data)
+                    .map_err(|e| Error::invalid_data(&topic, e))?;
+                let shared = Shared {
+                    value: Arc::new(value),
+                    json: record.data,
+                };
+                (record.revision, shared)
+            }
+            None => (crate::hub::revision_floor(), encode(&topic, default())?),
+        };
+        tracing::debug!(%topic, %revision, "topic opened");
+        let source = MemorySource::starting_at(topic, revision, shared);
+        let (writes, queue) = mpsc::channel(options.queue_capacity);
+        tokio::spawn(run_writer(
+            source.clone(),
+            storage,
+            queue,
+            options.max_batch,
+        ));
+        Ok(Arc::new(TopicCore {
+            source,
+            writes,
+            closed,
+        }))
+    }
+
+    fn snapshot(&self) -> Snapshot<T> {
+        let envelope = self.source.snapshot();
+        Snapshot {
+            revision: envelope.revision,
+            value: envelope.data.value,
+            json: envelope.data.json,
+        }
+    }
+
+    async fn write(&self, change: Change<T>, source_id: Option<String>) -> Result<Revision> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Write {
+            change,
+            source_id,
+            reply,
+        };
+        self.writes.send(op).await.map_err(|_| Error::Closed)?;
+        answer.await.unwrap_or(Err(Error::Closed))
+    }
+}
+
+fn encode<T: Serialize>(topic: &Topic, value: T) -> Result<Shared<T>> {
+    let json = serde_json::to_vec(&value).map_err(|e| Error::Encode {
+        topic: topic.clone(),
+        source: Arc::new(e),
+    })?;
+    Ok(Shared {
+        value: Arc::new(value),
+        json: Bytes::from(json),
+    })
+}
+
+/// Commits queued writes in order. With `max_batch > 1`, every write that
+/// queued up while the previous store was in flight is committed by one
+/// store (group commit); each writer is answered only once its write is
+/// stored.
+async fn run_writer<T: TopicValue>(
+    source: MemorySource<Shared<T>>,
+    storage: Arc<dyn DynStorage>,
+    mut queue: mpsc::Receiver<Op<T>>,
+    max_batch: usize,
+) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while queue.recv_many(&mut batch, max_batch).await > 0 {
+        commit_batch(&source, &*storage, &mut batch).await;
+    }
+}
+
+async fn commit_batch<T: TopicValue>(
+    source: &MemorySource<Shared<T>>,
+    storage: &dyn DynStorage,
+    batch: &mut Vec<Op<T>>,
+) {
+    let topic = source.topic().clone();
+    let SnapshotEnvelope {
+        mut revision,
+        data: mut state,
+    } = source.snapshot();
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut barriers = Vec::new();
+    let mut writers: HashSet<Option<String>> = HashSet::new();
+    let mut changed = false;
+    for op in batch.drain(..) {
+        let (change, source_id, reply) = match op {
+            Op::Write {
+                change,
+                source_id,
+                reply,
+            } => (change, source_id, reply),
+            Op::Barrier(done) => {
+                barriers.push(done);
+                continue;
+            }
+        };
+        let next = apply_change(&topic, revision, &*state.value, change)
+            .and_then(|value| encode(&topic, value));
+        let answer = match next {
+            Ok(_) if revision == Revision::MAX => Err(Error::RevisionsExhausted {
+                topic: topic.clone(),
+            }),
+            Ok(next) => {
+                revision = revision.next();
+                state = next;
+                changed = true;
+                writers.insert(source_id);
+                Ok(revision)
+            }
+            Err(e) => Err(e),
+        };
+        answers.push((reply, answer));
+    }
+    if changed {
+        let record = Record::new(revision, state.json.clone());
+        match storage.store(&topic, &record).await {
+            Ok(()) => {
+                // The invalidation names its writer only when there was one,
+                // so a writer that skips its own changes misses no one else's.
+                let source_id = match writers.into_iter().collect::<Vec<_>>().as_mut_slice() {
+                    [only] => only.take(),
+                    _ => None,
+                };
+                if let Err(e) = source.publish_at(revision, source_id, state) {
+                    tracing::error!(%topic, error = %e, "committed revision rejected by the source");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%topic, %revision, error = %e, "store failed; writes not committed");
+                let failure = Error::Storage {
+                    topic: Some(topic.clone()),
+                    source: Arc::new(e),
+                };
+                for (_, answer) in &mut answers {
+                    if answer.is_ok() {
+                        *answer = Err(failure.clone());
+                    }
+                }
+            }
+        }
+    }
+    for (reply, answer) in answers {
+        let _ = reply.send(answer);
+    }
+    for done in barriers {
+        let _ = done.send(());
+    }
+}
+
+fn apply_change<T: TopicValue>(
+    topic: &Topic,
+    current_revision: Revision,
+    current: &T,
+    change: Change<T>,
+) -> Result<T> {
+    match change {
+        Change::Replace(value) => Ok(value),
+        Change::CompareAndSet { expected, value } if expected == current_revision => Ok(value),
+        Change::CompareAndSet { expected, .. } => Err(Error::Conflict {
+            topic: topic.clone(),
+            expected,
+            current: current_revision,
+        }),
+        Change::Update(f) => {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| f(current)))
+                .unwrap_or_else(|panic| Err(panic_message(&*panic).into()));
+            outcome.map_err(|e| Error::Update {
+                topic: topic.clone(),
+                source: Arc::new(e),
+            })
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic)");
+    format!("update closure panicked: {message}")
+}
+
+/// The type-erased view of a topic that the hub's JSON API and its
+/// [`Subscriber`] use.
+pub(crate) trait RawTopic: Send + Sync + 'static {
+    fn json(&self) -> JsonSnapshot;
+    fn set_json<'a>(
+        &'a self,
+        data: &'a [u8],
+        expected: Option<Revision>,
+        source_id: Option<String>,
+    ) -> BoxFuture<'a, Result<Revision>>;
+    fn subscribe(&self, sink: InvalidationSink) -> BoxFuture<'_, Result<Subscription, BoxError>>;
+    fn barrier(&self) -> BoxFuture<'_, ()>;
+    fn type_name(&self) -> &'static str;
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<T: TopicValue> RawTopic for TopicCore<T> {
+    fn json(&self) -> JsonSnapshot {
+        let snapshot = self.snapshot();
+        JsonSnapshot {
+            revision: snapshot.revision,
+            data: snapshot.json,
+        }
+    }
+
+    fn set_json<'a>(
+        &'a self,
+        data: &'a [u8],
+        expected: Option<Revision>,
+        source_id: Option<String>,
+    ) -> BoxFuture<'a, Result<Revision>> {
+        Box::pin(async move {
+            let value: T = serde_json::from_slice(data)
+                .map_err(|e| Error::invalid_data(self.source.topic(), e))?;
+            let change = match expected {
+                Some(expected) => Change::CompareAndSet { expected, value },
+                None => Change::Replace(value),
+            };
+            self.write(change, source_id).await
+        })
+    }
+
+    fn subscribe(&self, sink: InvalidationSink) -> BoxFuture<'_, Result<Subscription, BoxError>> {
+        let topic = sink.topic().clone();
+        Box::pin(async move { self.source.subscribe(&topic, sink).await })
+    }
+
+    fn barrier(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, wait) = oneshot::channel();
+            if self.writes.send(Op::Barrier(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        })
+    }
+
+    fn type_name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// A typed handle on one topic of a [`Hub`](crate::Hub): read it, write it,
+/// and use it as the [`Subscriber`] and [`Provider`] of in-process replicas.
+///
+/// Writes to one topic are committed one after the other, in the order
+/// they were queued; each commit makes the revision exactly one larger,
+/// is stored before the writer gets its revision back, and sends one
+/// invalidation to every subscriber. Cheap to clone.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync_hub::{Error, Hub};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Error> {
+/// let hub = Hub::in_memory();
+/// let counter = hub.topic("counter", || 0u64).await?;
+///
+/// let first = counter.update(|n| n + 1).await?;
+/// assert_eq!(*counter.get().value(), 1);
+///
+/// // A compare-and-set against an old revision is refused.
+/// counter.replace(10).await?;
+/// let conflict = counter.compare_and_set(first, 99).await.unwrap_err();
+/// assert_eq!(conflict.current_revision(), Some(first.next()));
+/// # Ok(())
+/// # }
+/// ```
+pub struct HubTopic<T> {
+    core: Arc<TopicCore<T>>,
+    source_id: Option<String>,
+}
+
+impl<T> Clone for HubTopic<T> {
+    fn clone(&self) -> Self {
+        HubTopic {
+            core: self.core.clone(),
+            source_id: self.source_id.clone(),
+        }
+    }
+}
+
+impl<T: TopicValue> HubTopic<T> {
+    pub(crate) fn new(core: Arc<TopicCore<T>>) -> Self {
+        HubTopic {
+            core,
+            source_id: None,
+        }
+    }
+
+    /// A handle whose writes carry `source_id` in their invalidations, so
+    /// that writer's own replica can skip them.
+    #[must_use]
+    pub fn with_source_id(&self, source_id: impl Into<String>) -> Self {
+        HubTopic {
+            core: self.core.clone(),
+            source_id: Some(source_id.into()),
+        }
+    }
+
+    /// The topic.
+    #[must_use]
+    pub fn topic(&self) -> &Topic {
+        self.core.source.topic()
+    }
+
+    /// The current revision and value.
+    #[must_use]
+    pub fn get(&self) -> Snapshot<T> {
+        self.core.snapshot()
+    }
+
+    /// The current revision.
+    #[must_use]
+    pub fn revision(&self) -> Revision {
+        self.core.source.revision()
+    }
+
+    /// Replaces the value; returns the new revision.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`], [`Error::Encode`], [`Error::Closed`].
+    pub async fn replace(&self, value: T) -> Result<Revision> {
+        self.write(Change::Replace(value)).await
+    }
+
+    /// Computes the new value from the current one, atomically with respect
+    /// to every other writer of this topic; returns the new revision.
+    ///
+    /// The closure runs on the topic's writer task: keep it short.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Update`] if it panics; otherwise as for
+    /// [`replace`](Self::replace).
+    pub async fn update(&self, f: impl FnOnce(&T) -> T + Send + 'static) -> Result<Revision> {
+        self.try_update(move |current| Ok::<_, BoxError>(f(current)))
+            .await
+    }
+
+    /// Like [`update`](Self::update), with a closure that may refuse: its
+    /// error is returned as [`Error::Update`] and nothing is committed.
+    ///
+    /// # Errors
+    ///
+    /// As for [`update`](Self::update).
+    pub async fn try_update<E: Into<BoxError>>(
+        &self,
+        f: impl FnOnce(&T) -> Result<T, E> + Send + 'static,
+    ) -> Result<Revision> {
+        let f = Box::new(move |current: &T| f(current).map_err(Into::into));
+        self.write(Change::Update(f)).await
+    }
+
+    /// Replaces the value only if the topic is still at `expected`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Conflict`] with the current revision when it is not;
+    /// otherwise as for [`replace`](Self::replace).
+    pub async fn compare_and_set(&self, expected: Revision, value: T) -> Result<Revision> {
+        self.write(Change::CompareAndSet { expected, value }).await
+    }
+
+    async fn write(&self, change: Change<T>) -> Result<Revision> {
+        self.core.write(change, self.source_id.clone()).await
+    }
+}
+
+impl<T: TopicValue> Subscriber for HubTopic<T> {
+    fn subscribe(
+        &self,
+        topic: &Topic,
+        sink: InvalidationSink,
+    ) -> impl Future<Output = Result<Subscription, BoxError>> + Send {
+        self.core.source.subscribe(topic, sink)
+    }
+}
+
+impl<T: TopicValue> Provider for HubTopic<T> {
+    type Data = T;
+
+    fn fetch(
+        &self,
+        request: &FetchRequest,
+    ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
+        let fetched = self.core.source.fetch(request);
+        async move {
+            Ok(match fetched.await? {
+                Fetched::Snapshot(envelope) => Fetched::Snapshot(SnapshotEnvelope::new(
+                    envelope.revision,
+                    T::clone(&envelope.data.value),
+                )),
+                Fetched::NotModified { revision } => Fetched::NotModified { revision },
+            })
+        }
+    }
+}
+
+impl<T: TopicValue> fmt::Debug for HubTopic<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubTopic")
+            .field("topic", self.core.source.topic())
+            .field("revision", &self.core.source.revision())
+            .field("source_id", &self.source_id)
+            .finish()
+    }
+}

@@ -1,0 +1,51 @@
+//! Storage errors.
+
+use std::path::PathBuf;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed. Usually retryable (disk full,
+    /// permissions fixed by the operator).
+    #[error("storage I/O failed at {path}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored file is corrupt or truncated. It was renamed aside to
+    /// `quarantined` and nothing was overwritten; the previous good copy, if
+    /// any, is at `backup`. Not retryable: an operator decides what to
+    /// restore.
+    #[error(
+        "stored file {path} is corrupt ({reason}); moved to {quarantined}{}",
+        backup.as_ref().map(|b| format!("; last good copy at {}", b.display())).unwrap_or_default()
+    )]
+    Corrupt {
+        /// Where the file was.
+        path: PathBuf,
+        /// Where it is now.
+        quarantined: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// The last good copy, if one exists.
+        backup: Option<PathBuf>,
+    },
+    /// A background task running blocking file work failed.
+    #[error("storage task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl Error {
+    /// Whether trying again may succeed.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Io { .. } | Error::Task(_))
+    }
+}
