@@ -9,11 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use state_sync::{BoxError, InvalidationSink, Revision, Subscriber, Subscription, Topic};
-use state_sync_storage::{MemoryStorage, Storage};
+use state_sync_storage::{AnyStorage, MemoryStorage, Storage};
 use tokio::sync::OnceCell;
 
 use crate::error::{Error, Result};
-use crate::storage::DynStorage;
 use crate::topic::{HubTopic, JsonSnapshot, RawTopic, TopicCore, TopicValue};
 
 #[derive(Debug, Clone)]
@@ -106,7 +105,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    storage: Arc<dyn DynStorage>,
+    storage: AnyStorage,
     options: Options,
     topics: Mutex<HashMap<Topic, Slot>>,
     closed: Arc<AtomicBool>,
@@ -115,14 +114,14 @@ struct Inner {
 /// Configures a [`Hub`]; from [`Hub::builder`].
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct HubBuilder {
-    storage: Arc<dyn DynStorage>,
+    storage: AnyStorage,
     options: Options,
 }
 
 impl HubBuilder {
     /// Where committed records are stored (default: [`MemoryStorage`]).
     pub fn storage(mut self, storage: impl Storage) -> Self {
-        self.storage = Arc::new(storage);
+        self.storage = AnyStorage::new(storage);
         self
     }
 
@@ -165,7 +164,7 @@ impl Hub {
     /// A hub builder.
     pub fn builder() -> HubBuilder {
         HubBuilder {
-            storage: Arc::new(MemoryStorage::new()),
+            storage: AnyStorage::new(MemoryStorage::new()),
             options: Options::default(),
         }
     }

@@ -21,7 +21,6 @@
 
 mod error;
 mod hub;
-mod storage;
 mod topic;
 
 pub use error::{Error, Result};

@@ -17,11 +17,10 @@ use state_sync::{
     BoxError, FetchError, FetchRequest, Fetched, InvalidationSink, MemorySource, Provider,
     Revision, SnapshotEnvelope, Subscriber, Subscription, Topic,
 };
-use state_sync_storage::Record;
+use state_sync_storage::{AnyStorage, Record, Storage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::storage::DynStorage;
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -133,7 +132,7 @@ impl<T: TopicValue> TopicCore<T> {
     /// nothing is stored, and starts its writer task.
     pub(crate) async fn open(
         topic: Topic,
-        storage: Arc<dyn DynStorage>,
+        storage: AnyStorage,
         options: &crate::hub::Options,
         default: impl FnOnce() -> T,
         closed: Arc<AtomicBool>,
@@ -211,19 +210,19 @@ fn encode<T: Serialize>(topic: &Topic, value: T) -> Result<Shared<T>> {
 /// stored.
 async fn run_writer<T: TopicValue>(
     source: MemorySource<Shared<T>>,
-    storage: Arc<dyn DynStorage>,
+    storage: AnyStorage,
     mut queue: mpsc::Receiver<Op<T>>,
     max_batch: usize,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
-        commit_batch(&source, &*storage, &mut batch).await;
+        commit_batch(&source, &storage, &mut batch).await;
     }
 }
 
 async fn commit_batch<T: TopicValue>(
     source: &MemorySource<Shared<T>>,
-    storage: &dyn DynStorage,
+    storage: &AnyStorage,
     batch: &mut Vec<Op<T>>,
 ) {
     let topic = source.topic().clone();

@@ -296,6 +296,10 @@ impl Storage for FlakyStorage {
         self.inner.store(topic, record).await
     }
 
+    async fn remove(&self, topic: &Topic) -> state_sync_storage::Result<()> {
+        self.inner.remove(topic).await
+    }
+
     async fn topics(&self) -> state_sync_storage::Result<Vec<Topic>> {
         self.inner.topics().await
     }

@@ -93,4 +93,30 @@ pub async fn run<S: Storage>(open: impl Fn() -> S) {
         Some(big),
         "records survive reopening"
     );
+
+    reopened.remove(&b).await.expect("remove");
+    assert_eq!(
+        reopened.load(&b).await.expect("load"),
+        None,
+        "removed record is gone"
+    );
+    assert_eq!(
+        reopened.topics().await.expect("topics"),
+        std::slice::from_ref(&a),
+        "removed topic is not listed"
+    );
+    reopened
+        .remove(&b)
+        .await
+        .expect("removing again is not an error");
+    drop(reopened);
+    assert_eq!(
+        open().load(&b).await.expect("load"),
+        None,
+        "removal survives reopening"
+    );
+    assert!(
+        open().load(&a).await.expect("load").is_some(),
+        "remove touches one topic"
+    );
 }

@@ -270,6 +270,22 @@ fn store_file(dir: &Path, path: &Path, record: &Record, durability: Durability) 
     Ok(())
 }
 
+fn remove_file(dir: &Path, path: &Path, durability: Durability) -> Result<()> {
+    // The current file first: a crash in between leaves the backup, which
+    // `load` would return, so remove that too before reporting success.
+    for file in [path.to_owned(), with_suffix(path, ".bak")] {
+        match fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&file)(e)),
+        }
+    }
+    if durability == Durability::Fsync {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 fn decode_topic(name: &str) -> Option<Topic> {
     let hex = name.strip_prefix("t-")?.strip_suffix(".ssr")?;
     if hex.len() % 2 != 0 {
@@ -292,6 +308,12 @@ impl Storage for FileStorage {
         let path = self.path_of(topic);
         let record = record.clone();
         self.blocking(move |dir, durability| store_file(dir, &path, &record, durability))
+            .await
+    }
+
+    async fn remove(&self, topic: &Topic) -> Result<()> {
+        let path = self.path_of(topic);
+        self.blocking(move |dir, durability| remove_file(dir, &path, durability))
             .await
     }
 

@@ -34,4 +34,4 @@ mod storage;
 pub use error::{Error, Result};
 pub use file::{Durability, FileStorage};
 pub use memory::MemoryStorage;
-pub use storage::{Record, Storage};
+pub use storage::{AnyStorage, Record, Storage};

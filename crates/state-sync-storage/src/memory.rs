@@ -38,6 +38,11 @@ impl Storage for MemoryStorage {
         std::future::ready(Ok(()))
     }
 
+    fn remove(&self, topic: &Topic) -> impl Future<Output = Result<()>> + Send {
+        self.records().remove(topic);
+        std::future::ready(Ok(()))
+    }
+
     fn topics(&self) -> impl Future<Output = Result<Vec<Topic>>> + Send {
         std::future::ready(Ok(self.records().keys().cloned().collect()))
     }

@@ -1,6 +1,9 @@
 //! The [`Storage`] trait.
 
+use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use state_sync::{Revision, Topic};
@@ -50,10 +53,92 @@ pub trait Storage: Send + Sync + 'static {
     /// I/O failures; the previous record is then still intact.
     fn store(&self, topic: &Topic, record: &Record) -> impl Future<Output = Result<()>> + Send;
 
+    /// Removes the record of `topic`, if any (and any backup copy of it), so
+    /// `load` returns `None`.
+    ///
+    /// # Errors
+    ///
+    /// I/O failures.
+    fn remove(&self, topic: &Topic) -> impl Future<Output = Result<()>> + Send;
+
     /// Every topic with a stored record.
     ///
     /// # Errors
     ///
     /// I/O failures.
     fn topics(&self) -> impl Future<Output = Result<Vec<Topic>>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Any [`Storage`] behind one type, for code that should not be generic
+/// over its backend (a hub, a cache). Cheap to clone; clones share the
+/// backend.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync_storage::{AnyStorage, MemoryStorage};
+///
+/// let storage = AnyStorage::new(MemoryStorage::new());
+/// # let _ = storage;
+/// ```
+#[derive(Clone)]
+pub struct AnyStorage(Arc<dyn ErasedStorage>);
+
+impl AnyStorage {
+    /// Erases the type of `storage`.
+    pub fn new(storage: impl Storage) -> Self {
+        AnyStorage(Arc::new(storage))
+    }
+}
+
+impl fmt::Debug for AnyStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AnyStorage").finish_non_exhaustive()
+    }
+}
+
+impl Storage for AnyStorage {
+    async fn load(&self, topic: &Topic) -> Result<Option<Record>> {
+        self.0.load(topic).await
+    }
+
+    async fn store(&self, topic: &Topic, record: &Record) -> Result<()> {
+        self.0.store(topic, record).await
+    }
+
+    async fn remove(&self, topic: &Topic) -> Result<()> {
+        self.0.remove(topic).await
+    }
+
+    async fn topics(&self) -> Result<Vec<Topic>> {
+        self.0.topics().await
+    }
+}
+
+/// The object-safe form of [`Storage`] behind [`AnyStorage`].
+trait ErasedStorage: Send + Sync + 'static {
+    fn load<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<Option<Record>>>;
+    fn store<'a>(&'a self, topic: &'a Topic, record: &'a Record) -> BoxFuture<'a, Result<()>>;
+    fn remove<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<()>>;
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<Topic>>>;
+}
+
+impl<S: Storage> ErasedStorage for S {
+    fn load<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<Option<Record>>> {
+        Box::pin(Storage::load(self, topic))
+    }
+
+    fn store<'a>(&'a self, topic: &'a Topic, record: &'a Record) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Storage::store(self, topic, record))
+    }
+
+    fn remove<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Storage::remove(self, topic))
+    }
+
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<Topic>>> {
+        Box::pin(Storage::topics(self))
+    }
 }
