@@ -26,3 +26,8 @@ mod topic;
 pub use error::{Error, Result};
 pub use hub::{Hub, HubBuilder};
 pub use topic::{HubTopic, JsonSnapshot, Snapshot, TopicValue};
+
+/// The README's Rust examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

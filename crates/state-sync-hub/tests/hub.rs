@@ -440,3 +440,118 @@ async fn in_process_replicas_follow_with_conditional_fetch() {
         .unwrap();
     assert!(matches!(fetched, state_sync::Fetched::NotModified { revision: r } if r == revision));
 }
+
+/// Storage whose stores for one topic wait until released.
+#[derive(Clone)]
+struct Gated {
+    inner: MemoryStorage,
+    slow: Topic,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Storage for Gated {
+    async fn load(&self, topic: &Topic) -> state_sync_storage::Result<Option<Record>> {
+        self.inner.load(topic).await
+    }
+
+    async fn store(&self, topic: &Topic, record: &Record) -> state_sync_storage::Result<()> {
+        if topic == &self.slow {
+            self.release.acquire().await.unwrap().forget();
+        }
+        self.inner.store(topic, record).await
+    }
+
+    async fn remove(&self, topic: &Topic) -> state_sync_storage::Result<()> {
+        self.inner.remove(topic).await
+    }
+
+    async fn topics(&self) -> state_sync_storage::Result<Vec<Topic>> {
+        self.inner.topics().await
+    }
+}
+
+#[tokio::test]
+async fn a_stuck_topic_does_not_block_other_topics() {
+    let storage = Gated {
+        inner: MemoryStorage::new(),
+        slow: Topic::new("slow").unwrap(),
+        release: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let hub = Hub::new(storage.clone());
+    let slow = hub.topic("slow", || 0u32).await.unwrap();
+    let fast = hub.topic("fast", || 0u32).await.unwrap();
+
+    let stuck = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.replace(1).await }
+    });
+    for i in 1..=100 {
+        fast.replace(i).await.unwrap();
+    }
+    assert_eq!(*fast.get().value(), 100);
+    assert!(!stuck.is_finished());
+    assert_eq!(*slow.get().value(), 0, "visible before it was stored");
+
+    storage.release.add_permits(1);
+    stuck.await.unwrap().unwrap();
+    assert_eq!(*slow.get().value(), 1);
+}
+
+#[test]
+fn replicas_of_a_hub_converge_over_a_lossy_bus() {
+    use state_sync::RetryPolicy;
+    use state_sync::testkit::{Faults, Recorder, SimulatedBus};
+
+    for seed in 0..8 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let hub = Hub::in_memory();
+            let doc = hub.topic("doc", || 0u64).await.unwrap();
+            let bus = SimulatedBus::new(seed, Faults::lossy());
+            let mut replicas = Vec::new();
+            for _ in 0..5 {
+                let recorder = Recorder::new();
+                let handle = SyncHandle::builder(
+                    doc.topic().clone(),
+                    bus.subscriber(doc.clone()),
+                    bus.provider(doc.clone()),
+                    recorder.clone(),
+                )
+                .retry(
+                    RetryPolicy::default()
+                        .max_attempts(10)
+                        .initial_delay(Duration::from_millis(5)),
+                )
+                .build();
+                handle.start().await.unwrap();
+                replicas.push((handle, recorder));
+            }
+            let writers: Vec<_> = (0..3)
+                .map(|w| {
+                    let doc = doc.with_source_id(format!("writer-{w}"));
+                    tokio::spawn(async move {
+                        for _ in 0..100 {
+                            doc.update(|n| n + 1).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            bus.set_faults(Faults::none());
+            let last = doc.update(|n| n + 1).await.unwrap();
+            assert_eq!(*doc.get().value(), 301);
+            for (handle, recorder) in &replicas {
+                handle.wait_for_revision(last).await.unwrap();
+                assert_eq!(handle.local_revision(), last, "seed {seed}");
+                assert!(recorder.is_strictly_increasing(), "seed {seed}");
+            }
+        });
+    }
+}

@@ -25,6 +25,10 @@ use crate::topic::Topic;
 ///
 /// Data is cloned into each fetch; wrap large states in an `Arc`.
 ///
+/// For many topics, storage, compare-and-set and typed JSON access, use the
+/// hub (`state-sync-hub`), which keeps each topic's state in a
+/// `MemorySource`.
+///
 /// # Examples
 ///
 /// ```
