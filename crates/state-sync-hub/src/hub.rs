@@ -63,7 +63,8 @@ type Slot = Arc<OnceCell<Arc<dyn RawTopic>>>;
 ///
 /// Writes that queue up on a topic while its previous store is in flight
 /// are committed together by one store (group commit), each keeping its own
-/// revision; each writer is answered once its write is stored. The
+/// revision and its own invalidation; each writer is answered once its
+/// write is stored. The
 /// durability of a store is the backend's: see
 /// [`Durability`](state_sync_storage::Durability). [`group_commit(false)`]
 /// stores every write on its own.

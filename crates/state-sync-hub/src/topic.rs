@@ -2,7 +2,6 @@
 //! handle [`HubTopic`].
 
 use std::any::Any;
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -232,8 +231,7 @@ async fn commit_batch<T: TopicValue>(
     } = source.snapshot();
     let mut answers = Vec::with_capacity(batch.len());
     let mut barriers = Vec::new();
-    let mut writers: HashSet<Option<String>> = HashSet::new();
-    let mut changed = false;
+    let mut commits = Vec::new();
     for op in batch.drain(..) {
         let (change, source_id, reply) = match op {
             Op::Write {
@@ -255,25 +253,19 @@ async fn commit_batch<T: TopicValue>(
             Ok(next) => {
                 revision = revision.next();
                 state = next;
-                changed = true;
-                writers.insert(source_id);
+                commits.push((revision, source_id));
                 Ok(revision)
             }
             Err(e) => Err(e),
         };
         answers.push((reply, answer));
     }
-    if changed {
+    if !commits.is_empty() {
         let record = Record::new(revision, state.json.clone());
         match storage.store(&topic, &record).await {
             Ok(()) => {
-                // The invalidation names its writer only when there was one,
-                // so a writer that skips its own changes misses no one else's.
-                let source_id = match writers.into_iter().collect::<Vec<_>>().as_mut_slice() {
-                    [only] => only.take(),
-                    _ => None,
-                };
-                if let Err(e) = source.publish_at(revision, source_id, state) {
+                // One invalidation per commit, each naming its own writer.
+                if let Err(e) = source.publish_commits(state, commits) {
                     tracing::error!(%topic, error = %e, "committed revision rejected by the source");
                 }
             }

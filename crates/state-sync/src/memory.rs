@@ -134,8 +134,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
 
     /// Replaces the state with `data` at exactly `revision` (which must be
     /// newer than the current one) and sends one invalidation carrying
-    /// `source_id`. For sources that assign revisions themselves, such as a
-    /// hub committing a batch of writes at once.
+    /// `source_id`. For sources that assign revisions themselves.
     ///
     /// # Errors
     ///
@@ -146,17 +145,46 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
         source_id: Option<String>,
         data: T,
     ) -> Result<(), RevisionNotNewer> {
+        self.publish_commits(data, [(revision, source_id)])
+    }
+
+    /// Replaces the state with `data`, the result of several commits made
+    /// at once (a batch): `commits` lists each commit's revision and writer
+    /// in increasing order, the last one being `data`'s revision. Every
+    /// commit gets its own invalidation, in order, so each writer's
+    /// `source_id` is reported.
+    ///
+    /// # Errors
+    ///
+    /// [`RevisionNotNewer`] when the revisions are not increasing and newer
+    /// than the current one; nothing changes. Nothing happens for an empty
+    /// `commits`.
+    pub fn publish_commits(
+        &self,
+        data: T,
+        commits: impl IntoIterator<Item = (Revision, Option<String>)>,
+    ) -> Result<(), RevisionNotNewer> {
+        let commits: Vec<_> = commits.into_iter().collect();
+        let Some(&(last, _)) = commits.last() else {
+            return Ok(());
+        };
         {
             let mut state = lock(&self.inner.state);
-            if revision <= state.revision {
-                return Err(RevisionNotNewer {
-                    current: state.revision,
-                    offered: revision,
-                });
+            let mut previous = state.revision;
+            for &(revision, _) in &commits {
+                if revision <= previous {
+                    return Err(RevisionNotNewer {
+                        current: previous,
+                        offered: revision,
+                    });
+                }
+                previous = revision;
             }
-            *state = SnapshotEnvelope::new(revision, data);
+            *state = SnapshotEnvelope::new(last, data);
         }
-        self.invalidate(revision, source_id);
+        for (revision, source_id) in commits {
+            self.invalidate(revision, source_id);
+        }
         Ok(())
     }
 
