@@ -210,6 +210,22 @@ async fn spawn_watch_baseline() -> Result<f64, BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
+    // `engine_bench current_thread|multi_thread` runs only that fan-out
+    // (for profiling).
+    let only = std::env::args().nth(1);
+    if only.as_deref() == Some("current_thread") {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(fanout("current_thread"));
+    }
+    if only.as_deref() == Some("multi_thread") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        return rt.block_on(async { tokio::spawn(fanout("multi_thread(2)")).await? });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

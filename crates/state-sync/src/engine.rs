@@ -40,7 +40,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -222,6 +222,7 @@ where
             local: AtomicU64::new(initial.map_or(0, Revision::get)),
             applied: AtomicBool::new(initial.is_some()),
             closed: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
         });
         let engine = Engine {
             gate,
@@ -234,7 +235,8 @@ where
             revision_changed: Notify::new(),
             turn: tokio::sync::Mutex::new(()),
             start_turn: tokio::sync::Mutex::new(()),
-            runtime: OnceLock::new(),
+            wake_worker: Arc::new(Notify::new()),
+            worker_parked: OnceLock::new(),
         };
         SyncHandle {
             core: Arc::new(engine),
@@ -415,11 +417,21 @@ impl SyncHandle {
     /// Cancel safe.
     pub async fn wait_for_revision(&self, revision: Revision) -> Result<Revision, Stopped> {
         let gate = self.core.gate();
+        if let Some(local) = gate.local()
+            && local >= revision
+        {
+            return Ok(local);
+        }
+        gate.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = WaiterGuard(&gate.waiters);
         loop {
             // Register before checking, so an apply in between is not missed.
             let notified = self.core.revision_changed().notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
+            // Pairs with the fence in `apply`: either it sees our count or
+            // we see its revision.
+            std::sync::atomic::fence(Ordering::SeqCst);
             if let Some(local) = gate.local()
                 && local >= revision
             {
@@ -430,6 +442,16 @@ impl SyncHandle {
             }
             notified.await;
         }
+    }
+}
+
+/// Decrements the waiter count when a `wait_for_revision` ends or is
+/// cancelled.
+struct WaiterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -449,6 +471,9 @@ struct Gate {
     local: AtomicU64,
     applied: AtomicBool,
     closed: AtomicBool,
+    /// `wait_for_revision` calls in progress: an apply wakes waiters only
+    /// when there are some (the `Notify` takes a lock).
+    waiters: AtomicUsize,
 }
 
 impl Gate {
@@ -528,7 +553,17 @@ struct Engine<S, P: Provider, A> {
     turn: tokio::sync::Mutex<()>,
     /// Concurrent `start` calls wait for the first one.
     start_turn: tokio::sync::Mutex<()>,
-    runtime: OnceLock<tokio::runtime::Handle>,
+    /// Wakes the handle's parked worker task to drain the pending slot.
+    wake_worker: Arc<Notify>,
+    /// Set once the worker task is spawned (at the first `start`).
+    worker_parked: OnceLock<()>,
+}
+
+impl<S, P: Provider, A> Drop for Engine<S, P, A> {
+    fn drop(&mut self) {
+        // The parked worker holds only a weak reference: let it exit.
+        self.wake_worker.notify_one();
+    }
 }
 
 tokio::task_local! {
@@ -654,12 +689,20 @@ where
         }
     }
 
+    /// Wakes the parked worker. One task per handle, parked between
+    /// refreshes, costs less than a spawn per refresh: no allocation and
+    /// no task registration on the hot path.
     fn spawn_worker(self: &Arc<Self>) {
-        match self.runtime.get() {
-            Some(rt) => {
-                rt.spawn(self.clone().run_worker());
-            }
-            None => self.lock().worker_running = false,
+        self.wake_worker.notify_one();
+    }
+
+    /// Spawns the worker task on the current runtime, once.
+    fn park_worker(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        if self.worker_parked.set(()).is_ok() {
+            runtime.spawn(parked_worker(
+                Arc::downgrade(self),
+                self.wake_worker.clone(),
+            ));
         }
     }
 
@@ -775,7 +818,11 @@ where
     /// A `resync` (start, reconnect) also adopts a source
     /// found behind the local revision: it restarted without its state.
     async fn refresh_turn(&self, cause: Option<&InvalidationEvent>, resync: bool) -> Result<()> {
-        let _turn = self.turn.lock().await;
+        // Uncontended almost always; skip the acquire future then.
+        let _turn = match self.turn.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => self.turn.lock().await,
+        };
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -894,7 +941,10 @@ where
         let failure: BoxError = match applied {
             Ok(Ok(())) => {
                 self.gate.record_applied(revision);
-                self.revision_changed.notify_waiters();
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if self.gate.waiters.load(Ordering::SeqCst) > 0 {
+                    self.revision_changed.notify_waiters();
+                }
                 tracing::debug!(topic = %self.gate.topic, %revision, "applied");
                 return Ok(());
             }
@@ -930,7 +980,7 @@ where
                 return Err(self.fail(Phase::Start, self.context(None), e));
             }
         };
-        let _ = self.runtime.set(runtime);
+        self.park_worker(&runtime);
         self.set_status(Status::Connecting);
 
         let sink = InvalidationSink::new(Arc::new(EngineSink {
@@ -998,6 +1048,7 @@ where
         };
         self.gate.closed.store(true, Ordering::Release);
         drop(subscription);
+        self.wake_worker.notify_one();
         self.progress.send_if_modified(|s| {
             let changed = *s != Status::Stopped;
             *s = Status::Stopped;
@@ -1056,6 +1107,28 @@ where
 
 /// What a subscriber's [`InvalidationSink`] talks to. Holds the engine
 /// weakly so a forgotten subscription does not keep a dropped handle alive.
+/// A handle's worker: parked until woken, then drains the pending slot.
+/// Holds the engine weakly so dropping every handle still drops it.
+async fn parked_worker<S, P, A>(engine: Weak<Engine<S, P, A>>, wake: Arc<Notify>)
+where
+    S: Subscriber,
+    P: Provider,
+    A: Applier<P::Data>,
+{
+    loop {
+        wake.notified().await;
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        if engine.lock().lifecycle == Lifecycle::Stopped {
+            engine.worker_exit();
+            return;
+        }
+        // Boxed so the parked task stays small between refreshes.
+        Box::pin(engine.run_worker()).await;
+    }
+}
+
 struct EngineSink<S, P: Provider, A> {
     gate: Arc<Gate>,
     engine: Weak<Engine<S, P, A>>,
