@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::lock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,7 +46,8 @@ pub struct MemorySource<T> {
 
 struct Inner<T> {
     topic: Topic,
-    state: Mutex<SnapshotEnvelope<T>>,
+    /// Read by every fetch, written by publishes: readers share it.
+    state: RwLock<SnapshotEnvelope<T>>,
     subscribers: Mutex<HashMap<u64, InvalidationSink>>,
     next_id: AtomicU64,
 }
@@ -90,7 +91,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
         MemorySource {
             inner: Arc::new(Inner {
                 topic,
-                state: Mutex::new(SnapshotEnvelope::new(revision, initial)),
+                state: RwLock::new(SnapshotEnvelope::new(revision, initial)),
                 subscribers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -106,13 +107,13 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
     /// The current revision.
     #[must_use]
     pub fn revision(&self) -> Revision {
-        lock(&self.inner.state).revision
+        read(&self.inner.state).revision
     }
 
     /// The current snapshot.
     #[must_use]
     pub fn snapshot(&self) -> SnapshotEnvelope<T> {
-        lock(&self.inner.state).clone()
+        read(&self.inner.state).clone()
     }
 
     /// Replaces the state; returns the new revision.
@@ -169,7 +170,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
             return Ok(());
         };
         {
-            let mut state = lock(&self.inner.state);
+            let mut state = write(&self.inner.state);
             let mut previous = state.revision;
             for &(revision, _) in &commits {
                 if revision <= previous {
@@ -196,7 +197,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
 
     fn commit(&self, source_id: Option<String>, f: impl FnOnce(&T) -> T) -> Revision {
         let revision = {
-            let mut state = lock(&self.inner.state);
+            let mut state = write(&self.inner.state);
             let data = f(&state.data);
             *state = SnapshotEnvelope::new(state.revision.next(), data);
             state.revision
@@ -258,7 +259,7 @@ impl<T: Clone + Send + Sync + 'static> Provider for MemorySource<T> {
         request: &FetchRequest,
     ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
         let result = if request.topic.matches(&self.inner.topic) {
-            let state = lock(&self.inner.state);
+            let state = read(&self.inner.state);
             Ok(match request.if_newer_than {
                 Some(known) if known >= state.revision => Fetched::NotModified {
                     revision: state.revision,
@@ -279,7 +280,15 @@ impl<T> fmt::Debug for MemorySource<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemorySource")
             .field("topic", &self.inner.topic)
-            .field("revision", &lock(&self.inner.state).revision)
+            .field("revision", &read(&self.inner.state).revision)
             .finish_non_exhaustive()
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
