@@ -1,0 +1,901 @@
+//! [`Client`]: one reconnecting connection per process and hub, shared by
+//! every topic handle.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use state_sync::{
+    BoxError, FetchError, FetchRequest, Fetched, InvalidationEvent, InvalidationSink,
+    ProtocolError, ProtocolErrorKind, Provider, RetryPolicy, Revision, SnapshotEnvelope,
+    Subscriber, Subscription, Topic,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::frames::{self, FrameError, FrameSink, FrameStream};
+use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+
+/// Where a hub listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A WebSocket URL, e.g. `ws://127.0.0.1:7700`.
+    WebSocket(String),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::WebSocket(url) => f.write_str(url),
+        }
+    }
+}
+
+/// How a [`Client`] connects and behaves.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientOptions {
+    /// A name for the server's logs; also the default `sourceId` of writes.
+    pub client_id: String,
+    /// The access token, if the server requires one.
+    pub token: Option<String>,
+    /// Reconnect delays (default: 100 ms doubling to 5 s, with jitter,
+    /// forever).
+    pub reconnect: RetryPolicy,
+    /// How long a request waits for its answer (default 10 s).
+    pub request_timeout: Duration,
+    /// How often to ping an idle connection (default 15 s). A connection
+    /// that stays silent for two intervals is considered dead.
+    pub ping_interval: Duration,
+    /// Optionally, how often to ask the revision of every subscribed topic,
+    /// to catch a subscription that went deaf (default: off).
+    pub probe_interval: Option<Duration>,
+    /// Largest frame sent or accepted (default 1 MiB, as the server).
+    pub max_frame_bytes: usize,
+}
+
+impl ClientOptions {
+    /// Defaults, with `client_id`.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        ClientOptions {
+            client_id: client_id.into(),
+            token: None,
+            reconnect: RetryPolicy::default()
+                .max_attempts(u32::MAX)
+                .initial_delay(Duration::from_millis(100))
+                .max_delay(Duration::from_secs(5))
+                .jitter(true),
+            request_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+            probe_interval: None,
+            max_frame_bytes: 1 << 20,
+        }
+    }
+
+    /// Sets the access token.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Sets the reconnect policy.
+    #[must_use]
+    pub fn reconnect(mut self, policy: RetryPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Sets the request timeout.
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the ping interval.
+    #[must_use]
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// Turns on the periodic revision probe.
+    #[must_use]
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = Some(interval);
+        self
+    }
+}
+
+/// The state of a client's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionStatus {
+    /// Connecting (first time or again).
+    Connecting,
+    /// Connected and authenticated.
+    Connected,
+    /// Not connected; retrying after a delay. Carries the last error.
+    Disconnected(String),
+    /// Refused for good (bad token, unsupported version): not retrying.
+    Refused(String),
+    /// The client was dropped.
+    Closed,
+}
+
+/// A request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Not connected (or the connection dropped before the answer).
+    #[error("not connected to the hub")]
+    Disconnected,
+    /// No answer within the request timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// A compare-and-set found another revision.
+    #[error("conflict: the topic is at revision {current}")]
+    Conflict {
+        /// The topic's current revision.
+        current: Revision,
+    },
+    /// The server refused the request.
+    #[error("server error `{code}`: {message}")]
+    Server {
+        /// The stable error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server sent something this client does not understand.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+    /// The value could not be encoded or decoded.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+}
+
+impl ClientError {
+    /// The server's error code, if the server refused the request.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to a hub server, shared by every topic of this process.
+///
+/// It reconnects with exponential backoff and jitter; after reconnecting it
+/// resubscribes every topic and tells every handle to refresh
+/// ([`InvalidationSink::connection_restored`]), because invalidations may
+/// have been missed. Fetches are conditional, so an up-to-date replica
+/// transfers no data. Cheap to clone; the connection closes when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+/// Owned by the `Client` clones; its drop ends the connection task.
+struct ClientInner {
+    shared: Arc<Shared>,
+    closed: CancellationToken,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+struct Shared {
+    options: ClientOptions,
+    endpoint: Endpoint,
+    status: watch::Sender<ConnectionStatus>,
+    /// Requests for the connection task; `None` while disconnected.
+    outgoing: Mutex<Option<mpsc::Sender<Bytes>>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<ServerMessage>>>,
+    next_id: AtomicU64,
+    topics: Mutex<HashMap<Topic, TopicSinks>>,
+    next_sink: AtomicU64,
+}
+
+#[derive(Default)]
+struct TopicSinks {
+    sinks: Vec<(u64, InvalidationSink)>,
+    /// The newest revision heard of, for the probe.
+    seen: Option<Revision>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Client {
+    /// Starts connecting to `endpoint` in the background; returns at once.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    #[must_use]
+    pub fn connect(endpoint: Endpoint, options: ClientOptions) -> Client {
+        let (status, _) = watch::channel(ConnectionStatus::Connecting);
+        let shared = Arc::new(Shared {
+            options,
+            endpoint,
+            status,
+            outgoing: Mutex::new(None),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            topics: Mutex::new(HashMap::new()),
+            next_sink: AtomicU64::new(1),
+        });
+        let closed = CancellationToken::new();
+        tokio::spawn(run(shared.clone(), closed.clone()));
+        Client {
+            inner: Arc::new(ClientInner { shared, closed }),
+        }
+    }
+
+    /// The connection's status.
+    #[must_use]
+    pub fn status(&self) -> ConnectionStatus {
+        self.inner.shared.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    #[must_use]
+    pub fn watch_status(&self) -> watch::Receiver<ConnectionStatus> {
+        self.inner.shared.status.subscribe()
+    }
+
+    /// Waits until connected (or refused for good, or closed); returns the
+    /// status then.
+    pub async fn wait_connected(&self) -> ConnectionStatus {
+        let mut status = self.watch_status();
+        let reached = status
+            .wait_for(|s| {
+                matches!(
+                    s,
+                    ConnectionStatus::Connected
+                        | ConnectionStatus::Refused(_)
+                        | ConnectionStatus::Closed
+                )
+            })
+            .await
+            .map(|s| s.clone());
+        reached.unwrap_or(ConnectionStatus::Closed)
+    }
+
+    /// A typed handle on `topic`: the [`Subscriber`] and [`Provider`] of an
+    /// engine replicating it.
+    ///
+    /// # Errors
+    ///
+    /// An invalid topic name.
+    pub fn topic<T>(
+        &self,
+        topic: impl AsRef<str>,
+    ) -> Result<RemoteTopic<T>, state_sync::InvalidTopic> {
+        Ok(RemoteTopic {
+            client: self.clone(),
+            topic: Topic::new(topic)?,
+            _value: PhantomData,
+        })
+    }
+
+    /// The current revision and JSON data of `topic`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`].
+    pub async fn get_json(&self, topic: impl AsRef<str>) -> Result<(Revision, Bytes), ClientError> {
+        match self.fetch(topic.as_ref(), None).await? {
+            Fetched::Snapshot(s) => Ok((s.revision, s.data)),
+            Fetched::NotModified { .. } => Err(ClientError::Protocol(
+                "not modified without a revision".into(),
+            )),
+        }
+    }
+
+    /// Writes JSON `data` to `topic`; with `expected`, a compare-and-set.
+    /// Returns the new revision.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Conflict`] with the current revision;
+    /// [`ClientError::Json`] when `data` is not JSON; others.
+    pub async fn set_json(
+        &self,
+        topic: impl AsRef<str>,
+        data: impl Into<String>,
+        expected: Option<Revision>,
+    ) -> Result<Revision, ClientError> {
+        let data = serde_json::value::RawValue::from_string(data.into())
+            .map_err(|e| ClientError::Json(e.to_string()))?;
+        let id = self.next_id();
+        let message = ClientMessage::Set {
+            id,
+            topic: topic.as_ref().to_owned(),
+            data,
+            expected_revision: expected.map(|r| r.to_string()),
+            source_id: None,
+        };
+        match self.request(id, &message).await? {
+            ServerMessage::Ok {
+                revision: Some(revision),
+                ..
+            } => Ok(revision),
+            ServerMessage::Conflict {
+                current_revision, ..
+            } => Err(ClientError::Conflict {
+                current: current_revision,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `value` to `topic` as JSON; see [`set_json`](Self::set_json).
+    ///
+    /// # Errors
+    ///
+    /// As for [`set_json`](Self::set_json).
+    pub async fn set<T: Serialize>(
+        &self,
+        topic: impl AsRef<str>,
+        value: &T,
+        expected: Option<Revision>,
+    ) -> Result<Revision, ClientError> {
+        let data = serde_json::to_string(value).map_err(|e| ClientError::Json(e.to_string()))?;
+        self.set_json(topic, data, expected).await
+    }
+
+    async fn fetch(
+        &self,
+        topic: &str,
+        if_newer_than: Option<Revision>,
+    ) -> Result<Fetched<Bytes>, ClientError> {
+        let id = self.next_id();
+        let message = ClientMessage::Get {
+            id,
+            topic: topic.to_owned(),
+            if_newer_than: if_newer_than.map(|r| r.to_string()),
+        };
+        match self.request(id, &message).await? {
+            ServerMessage::Snapshot { revision, data, .. } => Ok(Fetched::Snapshot(
+                SnapshotEnvelope::new(revision, Bytes::from(data.get().to_owned())),
+            )),
+            ServerMessage::NotModified { revision, .. } => Ok(Fetched::NotModified { revision }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn request(
+        &self,
+        id: u64,
+        message: &ClientMessage,
+    ) -> Result<ServerMessage, ClientError> {
+        self.inner.shared.request(id, message).await
+    }
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.inner.shared.endpoint)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unexpected(message: ServerMessage) -> ClientError {
+    match message {
+        ServerMessage::Error { code, message, .. } => ClientError::Server { code, message },
+        other => ClientError::Protocol(format!("{other:?}")),
+    }
+}
+
+impl Shared {
+    async fn request(
+        &self,
+        id: u64,
+        message: &ClientMessage,
+    ) -> Result<ServerMessage, ClientError> {
+        let frame =
+            Bytes::from(serde_json::to_vec(message).map_err(|e| ClientError::Json(e.to_string()))?);
+        let outgoing = lock(&self.outgoing)
+            .clone()
+            .ok_or(ClientError::Disconnected)?;
+        let (reply, answer) = oneshot::channel();
+        lock(&self.waiting).insert(id, reply);
+        if outgoing.send(frame).await.is_err() {
+            lock(&self.waiting).remove(&id);
+            return Err(ClientError::Disconnected);
+        }
+        let timeout = self.options.request_timeout;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(ServerMessage::Error { code, message, .. })) => {
+                Err(ClientError::Server { code, message })
+            }
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Err(_) => {
+                lock(&self.waiting).remove(&id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    fn set_status(&self, status: ConnectionStatus) {
+        self.status.send_if_modified(|s| {
+            let changed = *s != status;
+            *s = status;
+            changed
+        });
+    }
+
+    fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
+        lock(&self.topics)
+            .get(topic)
+            .map(|t| t.sinks.iter().map(|(_, s)| s.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn all_sinks(&self) -> Vec<InvalidationSink> {
+        lock(&self.topics)
+            .values()
+            .flat_map(|t| t.sinks.iter().map(|(_, s)| s.clone()))
+            .collect()
+    }
+
+    /// Hands an invalidation to the topic's sinks, outside every lock.
+    fn deliver(&self, event: &InvalidationEvent) {
+        {
+            let mut topics = lock(&self.topics);
+            if let Some(t) = topics.get_mut(&event.topic) {
+                t.seen = t.seen.max(Some(event.revision));
+            }
+        }
+        for sink in self.sinks_of(&event.topic) {
+            sink.deliver(event);
+        }
+    }
+
+    /// Subscribes `topic` on the current connection.
+    async fn subscribe_remote(&self, topic: &Topic) -> Result<(), ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let message = ClientMessage::Subscribe {
+            id,
+            topic: topic.as_str().to_owned(),
+        };
+        match self.request(id, &message).await? {
+            ServerMessage::Subscribed { revision, .. } => {
+                let newer = {
+                    let mut topics = lock(&self.topics);
+                    let t = topics.entry(topic.clone()).or_default();
+                    let newer = t.seen.is_some_and(|seen| revision > seen);
+                    t.seen = t.seen.max(Some(revision));
+                    newer
+                };
+                if newer {
+                    // The probe found a revision no invalidation announced.
+                    tracing::warn!(%topic, %revision, "missed an invalidation; refreshing");
+                    self.deliver(&InvalidationEvent::new(topic.clone(), revision));
+                }
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// The connection task: connect, serve, reconnect with backoff.
+async fn run(shared: Arc<Shared>, closed: CancellationToken) {
+    let mut backoff = shared.options.reconnect.backoff();
+    let mut connected_before = false;
+    loop {
+        shared.set_status(ConnectionStatus::Connecting);
+        let attempt = tokio::select! {
+            () = closed.cancelled() => break,
+            attempt = open(&shared) => attempt,
+        };
+        let error = match attempt {
+            Ok((frames, sink)) => {
+                backoff.reset();
+                let error = serve(&shared, &closed, frames, sink, connected_before).await;
+                connected_before = true;
+                error
+            }
+            Err(Failure::Refused(reason)) => {
+                tracing::error!(endpoint = %shared.endpoint, %reason, "refused by the hub; not retrying");
+                shared.set_status(ConnectionStatus::Refused(reason.clone()));
+                for sink in shared.all_sinks() {
+                    sink.connection_lost(reason.clone());
+                }
+                closed.cancelled().await;
+                break;
+            }
+            Err(Failure::Retry(reason)) => reason,
+        };
+        if closed.is_cancelled() {
+            break;
+        }
+        tracing::debug!(endpoint = %shared.endpoint, %error, "disconnected");
+        shared.set_status(ConnectionStatus::Disconnected(error));
+        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = closed.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    shared.set_status(ConnectionStatus::Closed);
+}
+
+enum Failure {
+    Retry(String),
+    Refused(String),
+}
+
+/// Connects and says hello.
+async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
+    let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
+    let max = shared.options.max_frame_bytes;
+    let (mut frames, mut sink) = match &shared.endpoint {
+        Endpoint::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| retry(&e))?;
+            let (read, write) = stream.into_split();
+            frames::length_delimited(read, write, max)
+        }
+        Endpoint::WebSocket(url) => {
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .max_message_size(Some(max))
+                .max_frame_size(Some(max));
+            let (socket, _) =
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
+                    .await
+                    .map_err(|e| retry(&e))?;
+            frames::websocket(socket)
+        }
+    };
+    let hello = ClientMessage::Hello {
+        version: PROTOCOL_VERSION,
+        client_id: shared.options.client_id.clone(),
+        token: shared.options.token.clone(),
+    };
+    let hello = serde_json::to_vec(&hello).map_err(|e| retry(&e))?;
+    sink.send(Bytes::from(hello)).await.map_err(|e| retry(&e))?;
+    let answer = tokio::time::timeout(shared.options.request_timeout, frames.next())
+        .await
+        .map_err(|_| Failure::Retry("no welcome from the hub".into()))?;
+    match answer {
+        Some(Ok(frame)) => match ServerMessage::decode(&frame) {
+            Ok(ServerMessage::Welcome { .. }) => Ok((frames, sink)),
+            Ok(ServerMessage::Error { code, message, .. }) => {
+                let reason = format!("{code}: {message}");
+                match code {
+                    ErrorCode::Unauthorized | ErrorCode::UnsupportedVersion => {
+                        Err(Failure::Refused(reason))
+                    }
+                    _ => Err(Failure::Retry(reason)),
+                }
+            }
+            Ok(other) => Err(Failure::Retry(format!("expected welcome, got {other:?}"))),
+            Err(e) => Err(retry(&e)),
+        },
+        Some(Err(e)) => Err(retry(&e)),
+        None => Err(Failure::Retry(
+            "connection closed during the handshake".into(),
+        )),
+    }
+}
+
+/// Serves one connection until it fails; returns why.
+async fn serve(
+    shared: &Arc<Shared>,
+    closed: &CancellationToken,
+    mut frames: FrameStream,
+    mut sink: FrameSink,
+    reconnected: bool,
+) -> String {
+    let (outgoing, mut queue) = mpsc::channel::<Bytes>(256);
+    *lock(&shared.outgoing) = Some(outgoing);
+    shared.set_status(ConnectionStatus::Connected);
+    tracing::debug!(endpoint = %shared.endpoint, "connected");
+
+    // Resubscribe, then make every handle refresh: invalidations may have
+    // been missed while disconnected. Runs beside the loop below, which
+    // carries its requests.
+    let resubscribe = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let topics: Vec<Topic> = lock(&shared.topics).keys().cloned().collect();
+            for topic in topics {
+                if let Err(e) = shared.subscribe_remote(&topic).await {
+                    tracing::warn!(%topic, error = %e, "resubscribe failed");
+                }
+            }
+            if reconnected {
+                for sink in shared.all_sinks() {
+                    sink.connection_restored();
+                }
+            }
+        })
+    };
+
+    let ping_every = shared.options.ping_interval;
+    let mut ping = tokio::time::interval(ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut probe = shared.options.probe_interval.map(|every| {
+        let mut probe = tokio::time::interval(every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        probe
+    });
+    let mut last_heard = tokio::time::Instant::now();
+    let error = loop {
+        tokio::select! {
+            () = closed.cancelled() => break "client closed".to_owned(),
+            frame = frames.next() => match frame {
+                Some(Ok(frame)) => {
+                    last_heard = tokio::time::Instant::now();
+                    dispatch(shared, &frame);
+                }
+                Some(Err(FrameError::Closed)) | None => break "the hub closed the connection".to_owned(),
+                Some(Err(e)) => break e.to_string(),
+            },
+            frame = queue.recv() => {
+                let Some(frame) = frame else { break "request queue closed".to_owned() };
+                if let Err(e) = sink.send(frame).await {
+                    break e.to_string();
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > ping_every * 2 {
+                    break "the hub stopped answering".to_owned();
+                }
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let frame = serde_json::to_vec(&ClientMessage::Ping { id }).unwrap_or_default();
+                if let Err(e) = sink.send(Bytes::from(frame)).await {
+                    break e.to_string();
+                }
+            }
+            _ = async { probe.as_mut().expect("guarded").tick().await }, if probe.is_some() => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let topics: Vec<Topic> = lock(&shared.topics).keys().cloned().collect();
+                    for topic in topics {
+                        let _ = shared.subscribe_remote(&topic).await;
+                    }
+                });
+            }
+        }
+    };
+    resubscribe.abort();
+    *lock(&shared.outgoing) = None;
+    // Fail every request still waiting.
+    lock(&shared.waiting).clear();
+    if !closed.is_cancelled() {
+        for sink in shared.all_sinks() {
+            sink.connection_lost(error.clone());
+        }
+    }
+    let _ = sink.close().await;
+    error
+}
+
+/// Routes one frame from the server.
+fn dispatch(shared: &Shared, frame: &[u8]) {
+    let message = match ServerMessage::decode(frame) {
+        Ok(m) => m,
+        Err(e) => {
+            // A bad invalidation is a protocol error for its topic's handles.
+            let raw: Option<serde_json::Value> = serde_json::from_slice(frame).ok();
+            let topic = raw
+                .as_ref()
+                .and_then(|v| v.get("topic")?.as_str())
+                .and_then(|t| Topic::new(t).ok());
+            tracing::warn!(error = %e, "undecodable message from the hub");
+            if let Some(topic) = topic {
+                let error = ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
+                    .with_topic(topic.clone())
+                    .with_raw_bytes(frame);
+                for sink in shared.sinks_of(&topic) {
+                    sink.protocol_error(error.clone());
+                }
+            }
+            return;
+        }
+    };
+    let id = match &message {
+        ServerMessage::Invalidation {
+            topic,
+            revision,
+            source_id,
+        } => {
+            let mut event = InvalidationEvent::new(topic.clone(), *revision);
+            event.source_id.clone_from(source_id);
+            shared.deliver(&event);
+            return;
+        }
+        ServerMessage::Welcome { .. } => return,
+        ServerMessage::Error {
+            id: None,
+            code,
+            message,
+        } => {
+            tracing::warn!(%code, %message, "hub error");
+            return;
+        }
+        ServerMessage::Error { id: Some(id), .. }
+        | ServerMessage::Subscribed { id, .. }
+        | ServerMessage::Snapshot { id, .. }
+        | ServerMessage::NotModified { id, .. }
+        | ServerMessage::Ok { id, .. }
+        | ServerMessage::Conflict { id, .. }
+        | ServerMessage::Pong { id } => *id,
+    };
+    if let Some(reply) = lock(&shared.waiting).remove(&id) {
+        let _ = reply.send(message);
+    }
+}
+
+/// One topic of a [`Client`], typed: the [`Subscriber`] and [`Provider`] of
+/// an engine replicating it. Fetches are conditional.
+pub struct RemoteTopic<T> {
+    client: Client,
+    topic: Topic,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for RemoteTopic<T> {
+    fn clone(&self) -> Self {
+        RemoteTopic {
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<T> RemoteTopic<T> {
+    /// The topic.
+    #[must_use]
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// The client.
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl<T> fmt::Debug for RemoteTopic<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteTopic")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
+    async fn subscribe(
+        &self,
+        topic: &Topic,
+        sink: InvalidationSink,
+    ) -> Result<Subscription, BoxError> {
+        let shared = self.client.inner.shared.clone();
+        let sink_id = shared.next_sink.fetch_add(1, Ordering::Relaxed);
+        let first = {
+            let mut topics = lock(&shared.topics);
+            let entry = topics.entry(topic.clone()).or_default();
+            entry.sinks.push((sink_id, sink));
+            entry.sinks.len() == 1
+        };
+        // While disconnected, the reconnect subscribes it.
+        let connected = lock(&shared.outgoing).is_some();
+        if first && connected {
+            if let Err(e) = shared.subscribe_remote(topic).await {
+                remove_sink(&shared, topic, sink_id);
+                return Err(e.into());
+            }
+        }
+        let weak = Arc::downgrade(&shared);
+        let topic = topic.clone();
+        Ok(Subscription::new(move || {
+            if let Some(shared) = weak.upgrade() {
+                remove_sink(&shared, &topic, sink_id);
+            }
+        }))
+    }
+}
+
+/// Forgets a sink; the last one of a topic unsubscribes it remotely.
+fn remove_sink(shared: &Arc<Shared>, topic: &Topic, sink_id: u64) {
+    let last = {
+        let mut topics = lock(&shared.topics);
+        let Some(entry) = topics.get_mut(topic) else {
+            return;
+        };
+        entry.sinks.retain(|(id, _)| *id != sink_id);
+        let last = entry.sinks.is_empty();
+        if last {
+            topics.remove(topic);
+        }
+        last
+    };
+    if last && let Some(outgoing) = lock(&shared.outgoing).clone() {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let message = ClientMessage::Unsubscribe {
+            id,
+            topic: topic.as_str().to_owned(),
+        };
+        if let Ok(frame) = serde_json::to_vec(&message) {
+            // Best effort: the server also drops it with the connection.
+            let _ = outgoing.try_send(Bytes::from(frame));
+        }
+    }
+}
+
+impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
+    type Data = T;
+
+    fn fetch(
+        &self,
+        request: &FetchRequest,
+    ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
+        let client = self.client.clone();
+        let request = request.clone();
+        async move {
+            let fetched = client
+                .fetch(request.topic.as_str(), request.if_newer_than)
+                .await
+                .map_err(|e| match e {
+                    ClientError::Server {
+                        code: ErrorCode::InvalidRevision,
+                        ..
+                    } => FetchError::Protocol(
+                        ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
+                            .with_topic(request.topic.clone()),
+                    ),
+                    other => FetchError::unavailable(other),
+                })?;
+            Ok(match fetched {
+                Fetched::Snapshot(snapshot) => {
+                    let data = serde_json::from_slice(&snapshot.data).map_err(|e| {
+                        FetchError::Protocol(
+                            ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
+                                .with_topic(request.topic.clone())
+                                .with_raw_bytes(&snapshot.data),
+                        )
+                    })?;
+                    Fetched::Snapshot(SnapshotEnvelope::new(snapshot.revision, data))
+                }
+                Fetched::NotModified { revision } => Fetched::NotModified { revision },
+            })
+        }
+    }
+}

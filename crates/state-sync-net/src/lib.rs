@@ -1,0 +1,27 @@
+//! state-sync between processes and machines.
+//!
+//! - A versioned JSON [protocol](protocol) (see `docs/PROTOCOL.md`):
+//!   length-delimited frames over Unix sockets, text frames over WebSocket;
+//!   many topics over one connection; every error with a stable
+//!   [`ErrorCode`].
+//! - [`Server`] serves a [`Hub`](state_sync_hub::Hub): tokens compared in
+//!   constant time, per-topic read/write permissions ([`AccessConfig`]),
+//!   frame and snapshot size limits, idle timeout, at most one pending
+//!   invalidation per topic and connection, graceful shutdown.
+//! - [`Client`] is one reconnecting connection per process and hub; each
+//!   [`RemoteTopic`] is the [`Subscriber`](state_sync::Subscriber) and
+//!   [`Provider`](state_sync::Provider) of an engine handle, with
+//!   conditional fetch, resubscribe-and-refresh after a reconnect, and an
+//!   optional revision probe.
+#![doc(test(attr(deny(warnings))))]
+
+mod access;
+mod client;
+mod frames;
+pub mod protocol;
+mod server;
+
+pub use access::{AccessConfig, AccessConfigError, ClientAccess, Grant};
+pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint, RemoteTopic};
+pub use protocol::{ErrorCode, PROTOCOL_VERSION};
+pub use server::{Server, ServerConfig, ServerStats};

@@ -1,0 +1,414 @@
+//! The wire protocol: messages, error codes and their JSON encoding. See
+//! `docs/PROTOCOL.md`.
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use state_sync::{Revision, Topic};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A message from client to server. Revisions and topics are kept as
+/// strings here and checked by the server, so a bad one gets its own error
+/// code.
+///
+/// Decode with [`ClientMessage::decode`]: `serde` cannot borrow the raw
+/// `data` of `set` through an internally tagged enum.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+#[non_exhaustive]
+pub enum ClientMessage {
+    /// The first message: protocol version, who the client is, its token.
+    Hello {
+        /// Must be [`PROTOCOL_VERSION`].
+        version: u32,
+        /// A name for logs.
+        client_id: String,
+        /// The access token, if the server requires one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Start receiving invalidations for `topic`.
+    Subscribe {
+        /// Request id, echoed in the answer.
+        id: u64,
+        /// The topic.
+        topic: String,
+    },
+    /// Stop receiving invalidations for `topic`.
+    Unsubscribe {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: String,
+    },
+    /// Fetch a snapshot; with `ifNewerThan`, "not modified" when the topic
+    /// is not newer.
+    Get {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: String,
+        /// The client's revision, as a canonical string.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_newer_than: Option<String>,
+    },
+    /// Write a topic; with `expectedRevision`, a compare-and-set.
+    Set {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: String,
+        /// The new value.
+        data: Box<RawValue>,
+        /// The revision the write is based on, as a canonical string.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_revision: Option<String>,
+        /// Carried by the invalidation, so the writer can skip its own change.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_id: Option<String>,
+    },
+    /// Liveness check.
+    Ping {
+        /// Request id.
+        id: u64,
+    },
+}
+
+/// A message from server to client.
+///
+/// Decode with [`ServerMessage::decode`], for the same reason as
+/// [`ClientMessage`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+#[non_exhaustive]
+pub enum ServerMessage {
+    /// The answer to `hello`.
+    Welcome {
+        /// The protocol version the server speaks.
+        version: u32,
+        /// A name for logs.
+        server_id: String,
+    },
+    /// `topic` is now at `revision`.
+    Invalidation {
+        /// The topic.
+        topic: Topic,
+        /// Its revision.
+        revision: Revision,
+        /// The writer, when it gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_id: Option<String>,
+    },
+    /// The answer to `subscribe`: subscribed, and the current revision.
+    Subscribed {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: Topic,
+        /// Its current revision.
+        revision: Revision,
+    },
+    /// The answer to `get`.
+    Snapshot {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: Topic,
+        /// The snapshot's revision.
+        revision: Revision,
+        /// The snapshot's data.
+        data: Box<RawValue>,
+    },
+    /// The answer to a conditional `get` when the topic is not newer.
+    NotModified {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: Topic,
+        /// The topic's current revision.
+        revision: Revision,
+    },
+    /// Success of `set` (with the new revision) or `unsubscribe`.
+    Ok {
+        /// Request id.
+        id: u64,
+        /// The committed revision, for `set`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revision: Option<Revision>,
+    },
+    /// A compare-and-set found another revision.
+    Conflict {
+        /// Request id.
+        id: u64,
+        /// The topic.
+        topic: Topic,
+        /// The topic's current revision.
+        current_revision: Revision,
+    },
+    /// The answer to `ping`.
+    Pong {
+        /// Request id.
+        id: u64,
+    },
+    /// A request failed, or (without `id`) the connection is being closed.
+    Error {
+        /// The request's id, when the error answers one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// A stable code.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SetFields {
+    id: u64,
+    topic: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    expected_revision: Option<String>,
+    #[serde(default)]
+    source_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotFields {
+    id: u64,
+    topic: Topic,
+    revision: Revision,
+    data: Box<RawValue>,
+}
+
+impl ClientMessage {
+    /// Decodes one frame.
+    ///
+    /// # Errors
+    ///
+    /// Not JSON, an unknown `type`, or missing and ill-typed fields.
+    pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
+        let envelope: Envelope = serde_json::from_slice(frame)?;
+        if envelope.kind != "set" {
+            return serde_json::from_slice(frame);
+        }
+        let f: SetFields = serde_json::from_slice(frame)?;
+        Ok(ClientMessage::Set {
+            id: f.id,
+            topic: f.topic,
+            data: f.data,
+            expected_revision: f.expected_revision,
+            source_id: f.source_id,
+        })
+    }
+}
+
+impl ServerMessage {
+    /// Decodes one frame.
+    ///
+    /// # Errors
+    ///
+    /// Not JSON, an unknown `type`, or missing and ill-typed fields
+    /// (including non-canonical revisions).
+    pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
+        let envelope: Envelope = serde_json::from_slice(frame)?;
+        if envelope.kind != "snapshot" {
+            return serde_json::from_slice(frame);
+        }
+        let f: SnapshotFields = serde_json::from_slice(frame)?;
+        Ok(ServerMessage::Snapshot {
+            id: f.id,
+            topic: f.topic,
+            revision: f.revision,
+            data: f.data,
+        })
+    }
+}
+
+/// Every error the server sends has one of these stable codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Not JSON, or a known message with missing or ill-typed fields.
+    BadRequest,
+    /// A message `type` the server does not know.
+    UnknownMessage,
+    /// The first message was not `hello`.
+    NotAuthenticated,
+    /// The `hello` version is not supported.
+    UnsupportedVersion,
+    /// The token is missing or wrong.
+    Unauthorized,
+    /// The token may not read (or write) this topic.
+    Forbidden,
+    /// The topic name is not valid.
+    InvalidTopic,
+    /// No such topic on this server.
+    UnknownTopic,
+    /// A revision that is not a canonical decimal string.
+    InvalidRevision,
+    /// A frame or snapshot larger than the server's limit.
+    TooLarge,
+    /// The data does not fit the topic's type.
+    InvalidData,
+    /// The server's storage failed; nothing was committed.
+    Storage,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// No message for longer than the idle timeout.
+    IdleTimeout,
+    /// Anything else; see the message.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownMessage => "unknown_message",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::UnknownTopic => "unknown_topic",
+            ErrorCode::InvalidRevision => "invalid_revision",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::InvalidData => "invalid_data",
+            ErrorCode::Storage => "storage",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code for a hub error.
+    #[must_use]
+    pub fn from_hub(error: &state_sync_hub::Error) -> Self {
+        use state_sync_hub::Error as E;
+        match error {
+            E::InvalidTopic(_) => ErrorCode::InvalidTopic,
+            E::UnknownTopic { .. } => ErrorCode::UnknownTopic,
+            E::InvalidData { .. } | E::TypeMismatch { .. } | E::Encode { .. } => {
+                ErrorCode::InvalidData
+            }
+            E::Storage { .. } => ErrorCode::Storage,
+            E::Closed => ErrorCode::ShuttingDown,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Just the fields every message has, to classify a frame before decoding
+/// it fully.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Envelope {
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    #[serde(default)]
+    pub(crate) id: Option<u64>,
+}
+
+pub(crate) const CLIENT_MESSAGE_TYPES: &[&str] =
+    &["hello", "subscribe", "unsubscribe", "get", "set", "ping"];
+
+/// Encodes a server message.
+pub(crate) fn encode(message: &ServerMessage) -> Bytes {
+    // Serializing these types cannot fail: no maps with non-string keys.
+    Bytes::from(serde_json::to_vec(message).unwrap_or_default())
+}
+
+/// Encodes a snapshot answer around the hub's shared JSON encoding of the
+/// data, which is copied in, never re-serialized.
+pub(crate) fn encode_snapshot(id: u64, topic: &Topic, revision: Revision, data: &[u8]) -> Bytes {
+    let topic = serde_json::to_string(topic.as_str()).unwrap_or_default();
+    let mut out = BytesMut::with_capacity(64 + topic.len() + data.len());
+    out.put_slice(br#"{"type":"snapshot","id":"#);
+    out.put_slice(id.to_string().as_bytes());
+    out.put_slice(br#","topic":"#);
+    out.put_slice(topic.as_bytes());
+    out.put_slice(br#","revision":""#);
+    out.put_slice(revision.to_string().as_bytes());
+    out.put_slice(br#"","data":"#);
+    out.put_slice(data);
+    out.put_u8(b'}');
+    out.freeze()
+}
+
+/// An error message.
+pub(crate) fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    encode(&ServerMessage::Error {
+        id,
+        code,
+        message: message.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spliced_snapshot_decodes_as_a_snapshot_message() {
+        let topic = Topic::new("se\"ttings").unwrap();
+        let bytes = encode_snapshot(7, &topic, Revision::new(42), br#"{"a":[1,"\u00e9"]}"#);
+        let ServerMessage::Snapshot {
+            id,
+            topic: t,
+            revision,
+            data,
+        } = ServerMessage::decode(&bytes).unwrap()
+        else {
+            panic!("not a snapshot");
+        };
+        assert_eq!((id, t, revision), (7, topic, Revision::new(42)));
+        assert_eq!(data.get(), r#"{"a":[1,"\u00e9"]}"#);
+    }
+
+    #[test]
+    fn messages_are_camel_case_with_string_revisions() {
+        let set = ClientMessage::decode(
+            br#"{"type":"set","id":1,"topic":"t","data":{"x":1},"expectedRevision":"5","sourceId":"a"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(set, ClientMessage::Set { expected_revision: Some(ref r), .. } if r == "5")
+        );
+        let conflict = encode(&ServerMessage::Conflict {
+            id: 1,
+            topic: Topic::new("t").unwrap(),
+            current_revision: Revision::new(6),
+        });
+        assert_eq!(
+            &conflict[..],
+            br#"{"type":"conflict","id":1,"topic":"t","currentRevision":"6"}"#
+        );
+        let error = error(None, ErrorCode::TooLarge, "frame too large");
+        assert_eq!(
+            &error[..],
+            br#"{"type":"error","code":"too_large","message":"frame too large"}"#
+        );
+    }
+}

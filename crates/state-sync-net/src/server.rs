@@ -1,0 +1,782 @@
+//! [`Server`]: serves a [`Hub`] over Unix sockets and WebSocket.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use state_sync::{InvalidationEvent, InvalidationSink, Revision, Subscriber, Subscription, Topic};
+use state_sync_hub::{Error as HubError, Hub};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access::{AccessConfig, Grant};
+use crate::frames::{self, FrameError, FrameSink, FrameStream};
+use crate::protocol::{
+    self, CLIENT_MESSAGE_TYPES, ClientMessage, Envelope, ErrorCode, PROTOCOL_VERSION, ServerMessage,
+};
+
+/// Limits and behaviour of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest frame accepted or sent (default 1 MiB). A larger incoming
+    /// frame closes the connection with `too_large`.
+    pub max_frame_bytes: usize,
+    /// Largest snapshot written or served (default 1 MiB − 1 KiB, so a
+    /// snapshot always fits a frame with its envelope).
+    pub max_snapshot_bytes: usize,
+    /// A connection that sends nothing for this long is closed (default
+    /// 60 s; clients ping more often).
+    pub idle_timeout: Duration,
+    /// How long a new connection has to send `hello` (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Whether `set` on an unknown topic creates it as a JSON topic
+    /// (default `true`).
+    pub create_topics: bool,
+    /// Sent in `welcome`.
+    pub server_id: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_frame_bytes: 1 << 20,
+            max_snapshot_bytes: (1 << 20) - 1024,
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            create_topics: true,
+            server_id: "state-sync".into(),
+        }
+    }
+}
+
+/// Counters of a running server; from [`Server::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Open connections.
+    pub connections: usize,
+    /// Invalidations waiting to be written, over all connections.
+    pub pending_invalidations: usize,
+    /// The most invalidations waiting on one connection (at most one per
+    /// subscribed topic).
+    pub max_pending_per_connection: usize,
+    /// Invalidations written.
+    pub invalidations_sent: u64,
+    /// Invalidations replaced by a newer one for the same topic before
+    /// being written (slow readers).
+    pub invalidations_coalesced: u64,
+    /// Snapshots written.
+    pub snapshots_sent: u64,
+    /// Bytes of snapshot data written.
+    pub snapshot_bytes_sent: u64,
+    /// Writes committed.
+    pub writes: u64,
+}
+
+/// Serves a [`Hub`] to other processes: over a Unix socket (created
+/// `0600`) and over WebSocket.
+///
+/// Each connection gets at most one pending invalidation per subscribed
+/// topic (the newest): a client that reads slowly or not at all costs
+/// bounded memory and never slows the writer or other clients. Bad input
+/// gets an error with a stable [`ErrorCode`]; framing errors close that
+/// connection only.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync_hub::Hub;
+/// use state_sync_net::{Client, ClientOptions, Endpoint, Server};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let hub = Hub::in_memory();
+/// hub.json_topic("settings").await?;
+/// let server = Server::new(hub);
+/// let path = server.listen_unix(dir.path().join("hub.sock")).await?;
+///
+/// let client = Client::connect(Endpoint::Unix(path), ClientOptions::new("doc"));
+/// client.wait_connected().await;
+/// let revision = client.set_json("settings", r#"{"theme":"dark"}"#, None).await?;
+/// let (at, data) = client.get_json("settings").await?;
+/// assert_eq!((at, &data[..]), (revision, &br#"{"theme":"dark"}"#[..]));
+/// server.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    hub: Hub,
+    config: ServerConfig,
+    access: AccessConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    connections: Mutex<HashMap<u64, Arc<Connection>>>,
+    next_connection: AtomicU64,
+    unix_paths: Mutex<Vec<PathBuf>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    invalidations_sent: AtomicU64,
+    invalidations_coalesced: AtomicU64,
+    snapshots_sent: AtomicU64,
+    snapshot_bytes_sent: AtomicU64,
+    writes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Server {
+    /// A server for `hub` with open access and default limits.
+    #[must_use]
+    pub fn new(hub: Hub) -> Self {
+        Server::with_config(hub, ServerConfig::default(), AccessConfig::open())
+    }
+
+    /// A server for `hub` with `config` and `access` rules.
+    #[must_use]
+    pub fn with_config(hub: Hub, config: ServerConfig, access: AccessConfig) -> Self {
+        if access.is_open() {
+            tracing::warn!("no access tokens configured: every client may read and write");
+        }
+        Server {
+            shared: Arc::new(Shared {
+                hub,
+                config,
+                access,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                connections: Mutex::new(HashMap::new()),
+                next_connection: AtomicU64::new(1),
+                unix_paths: Mutex::new(Vec::new()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The hub served.
+    #[must_use]
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    /// Listens on a Unix socket at `path` (mode `0600`: only this user can
+    /// connect). A stale socket file from a crashed server is replaced; a
+    /// live one is an error. Returns the path.
+    ///
+    /// # Errors
+    ///
+    /// Binding fails, or another server is listening at `path`.
+    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {
+        let path = path.as_ref().to_owned();
+        if path.exists() {
+            if tokio::net::UnixStream::connect(&path).await.is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a server is already listening at {}", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path)?;
+        set_owner_only(&path)?;
+        lock(&self.shared.unix_paths).push(path.clone());
+        tracing::info!(path = %path.display(), "listening on unix socket");
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shared.shutdown.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        let (read, write) = stream.into_split();
+                        let (frames, sink) =
+                            frames::length_delimited(read, write, shared.config.max_frame_bytes);
+                        shared
+                            .tasks
+                            .spawn(serve(shared.clone(), frames, sink, "unix".into()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok(path)
+    }
+
+    /// Listens for WebSocket connections on `addr` (text frames, one JSON
+    /// message each). Returns the bound address.
+    ///
+    /// # Errors
+    ///
+    /// Binding fails.
+    pub async fn listen_websocket(
+        &self,
+        addr: impl tokio::net::ToSocketAddrs,
+    ) -> io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "listening for websocket connections");
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            let ws_config = WebSocketConfig::default()
+                .max_message_size(Some(shared.config.max_frame_bytes))
+                .max_frame_size(Some(shared.config.max_frame_bytes));
+            loop {
+                let accepted = tokio::select! {
+                    () = shared.shutdown.cancelled() => break,
+                    accepted = listener.accept() => accepted,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                shared.tasks.clone().spawn(async move {
+                    let upgrade = tokio::time::timeout(
+                        shared.config.handshake_timeout,
+                        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
+                    )
+                    .await;
+                    match upgrade {
+                        Ok(Ok(socket)) => {
+                            let (frames, sink) = frames::websocket(socket);
+                            serve(shared, frames, sink, peer.to_string()).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "websocket upgrade failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
+                    }
+                });
+            }
+        });
+        Ok(local)
+    }
+
+    /// Counters and queue sizes.
+    #[must_use]
+    pub fn stats(&self) -> ServerStats {
+        let connections = lock(&self.shared.connections);
+        let pending: Vec<usize> = connections
+            .values()
+            .map(|c| lock(&c.pending).len())
+            .collect();
+        let c = &self.shared.counters;
+        ServerStats {
+            connections: connections.len(),
+            pending_invalidations: pending.iter().sum(),
+            max_pending_per_connection: pending.iter().copied().max().unwrap_or(0),
+            invalidations_sent: c.invalidations_sent.load(Ordering::Relaxed),
+            invalidations_coalesced: c.invalidations_coalesced.load(Ordering::Relaxed),
+            snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
+            snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting connections, finishes the request each connection
+    /// is handling (writes in flight are committed and answered), tells
+    /// clients `shutting_down`, closes every connection, then closes the
+    /// hub (waiting for queued writes) and removes the socket files.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        self.shared.hub.close().await;
+        for path in lock(&self.shared.unix_paths).drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("server stopped");
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(unix)]
+fn set_owner_only(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// One connection's outgoing invalidations: the newest per topic.
+struct Connection {
+    pending: Mutex<HashMap<Topic, InvalidationEvent>>,
+    wake: Notify,
+}
+
+impl Connection {
+    /// Called by the hub inside its publish: never blocks.
+    fn push(&self, event: &InvalidationEvent, counters: &Counters) {
+        let replaced = lock(&self.pending)
+            .insert(event.topic.clone(), event.clone())
+            .is_some();
+        if replaced {
+            counters
+                .invalidations_coalesced
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.wake.notify_one();
+    }
+}
+
+/// Runs one connection: handshake, then requests until the peer leaves,
+/// goes idle, breaks framing, or the server shuts down.
+async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink, peer: String) {
+    let Some((client_id, grant)) = handshake(&shared, &mut frames, &mut sink, &peer).await else {
+        let _ = sink.close().await;
+        return;
+    };
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    let connection = Arc::new(Connection {
+        pending: Mutex::new(HashMap::new()),
+        wake: Notify::new(),
+    });
+    lock(&shared.connections).insert(id, connection.clone());
+    tracing::debug!(connection = id, %peer, %client_id, "client connected");
+
+    let (responses, queue) = mpsc::channel(64);
+    let writer = tokio::spawn(write_loop(shared.clone(), connection.clone(), sink, queue));
+    let mut session = Session {
+        shared: shared.clone(),
+        connection,
+        grant,
+        client_id,
+        subscriptions: HashMap::new(),
+    };
+    let goodbye = session.read_loop(&mut frames, &responses).await;
+    drop(session.subscriptions);
+    if let Some(goodbye) = goodbye {
+        let _ = responses.send(goodbye).await;
+    }
+    drop(responses);
+    let _ = writer.await;
+    lock(&shared.connections).remove(&id);
+    tracing::debug!(connection = id, %peer, "client disconnected");
+}
+
+async fn handshake(
+    shared: &Shared,
+    frames: &mut FrameStream,
+    sink: &mut FrameSink,
+    peer: &str,
+) -> Option<(String, Grant)> {
+    let first = tokio::select! {
+        () = shared.shutdown.cancelled() => return None,
+        first = tokio::time::timeout(shared.config.handshake_timeout, frames.next()) => first,
+    };
+    let frame = match first {
+        Ok(Some(Ok(frame))) => frame,
+        Ok(Some(Err(FrameError::TooLarge))) => {
+            let _ = sink
+                .send(protocol::error(
+                    None,
+                    ErrorCode::TooLarge,
+                    "frame larger than the limit",
+                ))
+                .await;
+            return None;
+        }
+        Ok(_) => return None,
+        Err(_) => {
+            let _ = sink
+                .send(protocol::error(
+                    None,
+                    ErrorCode::NotAuthenticated,
+                    "no hello within the handshake timeout",
+                ))
+                .await;
+            return None;
+        }
+    };
+    let refuse = |code, message: &str| protocol::error(None, code, message);
+    let answer = match ClientMessage::decode(&frame) {
+        Ok(ClientMessage::Hello {
+            version,
+            client_id,
+            token,
+        }) => {
+            if version != PROTOCOL_VERSION {
+                Err(refuse(
+                    ErrorCode::UnsupportedVersion,
+                    &format!(
+                        "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
+                    ),
+                ))
+            } else if let Some(grant) = shared.access.authenticate(token.as_deref()) {
+                Ok((client_id, grant))
+            } else {
+                tracing::warn!(%peer, %client_id, "rejected: bad token");
+                Err(refuse(ErrorCode::Unauthorized, "missing or invalid token"))
+            }
+        }
+        Ok(_) => Err(refuse(
+            ErrorCode::NotAuthenticated,
+            "the first message must be hello",
+        )),
+        Err(e) => Err(refuse(
+            ErrorCode::BadRequest,
+            &format!("expected hello: {e}"),
+        )),
+    };
+    match answer {
+        Ok((client_id, grant)) => {
+            let welcome = protocol::encode(&ServerMessage::Welcome {
+                version: PROTOCOL_VERSION,
+                server_id: shared.config.server_id.clone(),
+            });
+            sink.send(welcome).await.ok()?;
+            Some((client_id, grant))
+        }
+        Err(error) => {
+            let _ = sink.send(error).await;
+            None
+        }
+    }
+}
+
+/// Writes answers and pending invalidations until the reader is done.
+async fn write_loop(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    mut sink: FrameSink,
+    mut answers: mpsc::Receiver<Bytes>,
+) {
+    let counters = &shared.counters;
+    loop {
+        let result = tokio::select! {
+            biased;
+            answer = answers.recv() => match answer {
+                Some(frame) => sink.send(frame).await,
+                None => break,
+            },
+            () = connection.wake.notified() => {
+                let events: Vec<InvalidationEvent> =
+                    lock(&connection.pending).drain().map(|(_, e)| e).collect();
+                let mut result = Ok(());
+                for event in events {
+                    counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                    let frame = protocol::encode(&ServerMessage::Invalidation {
+                        topic: event.topic,
+                        revision: event.revision,
+                        source_id: event.source_id,
+                    });
+                    result = sink.feed(frame).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                match result {
+                    Ok(()) => sink.flush().await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "write failed; closing");
+            // Keep draining answers so the reader never blocks on us.
+            while answers.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    grant: Grant,
+    client_id: String,
+    subscriptions: HashMap<Topic, Subscription>,
+}
+
+type Answer = Result<Bytes, Bytes>;
+
+impl Session {
+    /// Handles requests in order; returns the last message to send before
+    /// closing, if any.
+    async fn read_loop(
+        &mut self,
+        frames: &mut FrameStream,
+        answers: &mpsc::Sender<Bytes>,
+    ) -> Option<Bytes> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        loop {
+            let next = tokio::select! {
+                () = shared.shutdown.cancelled() => {
+                    return Some(protocol::error(None, ErrorCode::ShuttingDown, "server is shutting down"));
+                }
+                next = tokio::time::timeout(config.idle_timeout, frames.next()) => next,
+            };
+            let frame = match next {
+                Err(_) => {
+                    return Some(protocol::error(
+                        None,
+                        ErrorCode::IdleTimeout,
+                        "no message within the idle timeout",
+                    ));
+                }
+                Ok(None | Some(Err(FrameError::Closed))) => return None,
+                Ok(Some(Err(FrameError::TooLarge))) => {
+                    return Some(protocol::error(
+                        None,
+                        ErrorCode::TooLarge,
+                        format!("frame larger than {} bytes", config.max_frame_bytes),
+                    ));
+                }
+                Ok(Some(Err(FrameError::Io(e)))) => {
+                    tracing::debug!(error = %e, "read failed");
+                    return None;
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let answer = self.handle(&frame).await.unwrap_or_else(|error| error);
+            if answers.send(answer).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: &[u8]) -> Answer {
+        let envelope: Envelope = serde_json::from_slice(frame).map_err(|e| {
+            protocol::error(None, ErrorCode::BadRequest, format!("not a message: {e}"))
+        })?;
+        let id = envelope.id;
+        if !CLIENT_MESSAGE_TYPES.contains(&envelope.kind.as_str()) {
+            return Err(protocol::error(
+                id,
+                ErrorCode::UnknownMessage,
+                format!("unknown message type `{}`", envelope.kind),
+            ));
+        }
+        let message = ClientMessage::decode(frame)
+            .map_err(|e| protocol::error(id, ErrorCode::BadRequest, e.to_string()))?;
+        match message {
+            ClientMessage::Hello { .. } => Err(protocol::error(
+                id,
+                ErrorCode::BadRequest,
+                "already said hello",
+            )),
+            ClientMessage::Ping { id } => Ok(protocol::encode(&ServerMessage::Pong { id })),
+            ClientMessage::Subscribe { id, topic } => self.subscribe(id, &topic).await,
+            ClientMessage::Unsubscribe { id, topic } => {
+                let topic = parse_topic(id, &topic)?;
+                self.subscriptions.remove(&topic);
+                lock(&self.connection.pending).remove(&topic);
+                Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
+            }
+            ClientMessage::Get {
+                id,
+                topic,
+                if_newer_than,
+            } => self.get(id, &topic, if_newer_than.as_deref()),
+            ClientMessage::Set {
+                id,
+                topic,
+                data,
+                expected_revision,
+                source_id,
+            } => {
+                let source_id = source_id.unwrap_or_else(|| self.client_id.clone());
+                self.set(
+                    id,
+                    &topic,
+                    data.get().as_bytes(),
+                    expected_revision.as_deref(),
+                    source_id,
+                )
+                .await
+            }
+        }
+    }
+
+    fn readable(&self, id: u64, topic: &str) -> Result<Topic, Bytes> {
+        let topic = parse_topic(id, topic)?;
+        if !self.grant.can_read(&topic) {
+            return Err(forbidden(id, "read", &topic));
+        }
+        Ok(topic)
+    }
+
+    async fn subscribe(&mut self, id: u64, topic: &str) -> Answer {
+        let topic = self.readable(id, topic)?;
+        let current = self
+            .shared
+            .hub
+            .get_json(&topic)
+            .map_err(|e| hub_error(id, &e))?;
+        if !self.subscriptions.contains_key(&topic) {
+            let connection = self.connection.clone();
+            let shared = self.shared.clone();
+            let sink = InvalidationSink::from_fn(topic.clone(), move |event| {
+                connection.push(event, &shared.counters);
+            });
+            let subscription =
+                self.shared.hub.subscribe(&topic, sink).await.map_err(|e| {
+                    protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string())
+                })?;
+            self.subscriptions.insert(topic.clone(), subscription);
+        }
+        Ok(protocol::encode(&ServerMessage::Subscribed {
+            id,
+            topic,
+            revision: current.revision,
+        }))
+    }
+
+    fn get(&self, id: u64, topic: &str, if_newer_than: Option<&str>) -> Answer {
+        let topic = self.readable(id, topic)?;
+        let known = if_newer_than.map(|r| parse_revision(id, r)).transpose()?;
+        let snapshot = self
+            .shared
+            .hub
+            .get_json(&topic)
+            .map_err(|e| hub_error(id, &e))?;
+        if known.is_some_and(|known| known >= snapshot.revision) {
+            return Ok(protocol::encode(&ServerMessage::NotModified {
+                id,
+                topic,
+                revision: snapshot.revision,
+            }));
+        }
+        if snapshot.data.len() > self.shared.config.max_snapshot_bytes {
+            return Err(protocol::error(
+                Some(id),
+                ErrorCode::TooLarge,
+                format!(
+                    "snapshot of {} bytes exceeds the limit of {}",
+                    snapshot.data.len(),
+                    self.shared.config.max_snapshot_bytes
+                ),
+            ));
+        }
+        let counters = &self.shared.counters;
+        counters.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        counters
+            .snapshot_bytes_sent
+            .fetch_add(snapshot.data.len() as u64, Ordering::Relaxed);
+        Ok(protocol::encode_snapshot(
+            id,
+            &topic,
+            snapshot.revision,
+            &snapshot.data,
+        ))
+    }
+
+    async fn set(
+        &self,
+        id: u64,
+        topic: &str,
+        data: &[u8],
+        expected: Option<&str>,
+        source_id: String,
+    ) -> Answer {
+        let topic = parse_topic(id, topic)?;
+        if !self.grant.can_write(&topic) {
+            return Err(forbidden(id, "write", &topic));
+        }
+        let expected = expected.map(|r| parse_revision(id, r)).transpose()?;
+        let limit = self.shared.config.max_snapshot_bytes;
+        if data.len() > limit {
+            return Err(protocol::error(
+                Some(id),
+                ErrorCode::TooLarge,
+                format!("data of {} bytes exceeds the limit of {limit}", data.len()),
+            ));
+        }
+        let hub = &self.shared.hub;
+        if !hub.is_open(&topic) {
+            if !self.shared.config.create_topics {
+                return Err(hub_error(id, &HubError::UnknownTopic { topic }));
+            }
+            hub.json_topic(topic.as_str())
+                .await
+                .map_err(|e| hub_error(id, &e))?;
+        }
+        match hub.set_json(&topic, data, expected, Some(source_id)).await {
+            Ok(revision) => {
+                self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+                Ok(protocol::encode(&ServerMessage::Ok {
+                    id,
+                    revision: Some(revision),
+                }))
+            }
+            Err(HubError::Conflict { current, .. }) => {
+                Ok(protocol::encode(&ServerMessage::Conflict {
+                    id,
+                    topic,
+                    current_revision: current,
+                }))
+            }
+            Err(e) => Err(hub_error(id, &e)),
+        }
+    }
+}
+
+fn parse_topic(id: u64, topic: &str) -> Result<Topic, Bytes> {
+    Topic::new(topic).map_err(|e| protocol::error(Some(id), ErrorCode::InvalidTopic, e.to_string()))
+}
+
+fn parse_revision(id: u64, revision: &str) -> Result<Revision, Bytes> {
+    revision.parse().map_err(|e| {
+        protocol::error(
+            Some(id),
+            ErrorCode::InvalidRevision,
+            format!("`{revision}`: {e}"),
+        )
+    })
+}
+
+fn forbidden(id: u64, what: &str, topic: &Topic) -> Bytes {
+    protocol::error(
+        Some(id),
+        ErrorCode::Forbidden,
+        format!("may not {what} topic `{topic}`"),
+    )
+}
+
+fn hub_error(id: u64, error: &HubError) -> Bytes {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    protocol::error(Some(id), ErrorCode::from_hub(error), message)
+}

@@ -1,0 +1,443 @@
+//! Server and client over real Unix sockets and WebSocket on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use state_sync::testkit::Recorder;
+use state_sync::{Revision, SyncHandle};
+use state_sync_hub::Hub;
+use state_sync_net::{
+    AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
+    Server, ServerConfig,
+};
+use state_sync_storage::FileStorage;
+use tokio::net::UnixStream;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+type Raw = Framed<UnixStream, LengthDelimitedCodec>;
+
+async fn raw(path: &Path) -> Raw {
+    Framed::new(
+        UnixStream::connect(path).await.unwrap(),
+        LengthDelimitedCodec::new(),
+    )
+}
+
+async fn send(conn: &mut Raw, message: &str) {
+    conn.send(Bytes::from(message.to_owned())).await.unwrap();
+}
+
+async fn recv(conn: &mut Raw) -> Value {
+    let frame = tokio::time::timeout(Duration::from_secs(10), conn.next())
+        .await
+        .expect("no answer")
+        .expect("connection closed")
+        .unwrap();
+    serde_json::from_slice(&frame).unwrap()
+}
+
+/// Sends `message`, expects an error with `code`.
+async fn expect_error(conn: &mut Raw, message: &str, code: &str) {
+    send(conn, message).await;
+    let answer = recv(conn).await;
+    assert_eq!(answer["type"], "error", "{message} → {answer}");
+    assert_eq!(answer["code"], code, "{message} → {answer}");
+}
+
+async fn closed(conn: &mut Raw) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), conn.next()).await,
+        Ok(None | Some(Err(_)))
+    )
+}
+
+async fn hello(conn: &mut Raw, token: Option<&str>) -> Value {
+    let hello = json!({"type": "hello", "version": 1, "clientId": "raw", "token": token});
+    send(conn, &hello.to_string()).await;
+    recv(conn).await
+}
+
+fn options(name: &str) -> ClientOptions {
+    ClientOptions::new(name).reconnect(
+        state_sync::RetryPolicy::default()
+            .max_attempts(u32::MAX)
+            .initial_delay(Duration::from_millis(20))
+            .max_delay(Duration::from_millis(200)),
+    )
+}
+
+async fn replica(client: &Client, topic: &str) -> (SyncHandle, Recorder<u64>) {
+    let remote = client.topic::<u64>(topic).unwrap();
+    let recorder = Recorder::with_data();
+    let handle = SyncHandle::builder(
+        remote.topic().clone(),
+        remote.clone(),
+        remote,
+        recorder.clone(),
+    )
+    .retry(
+        state_sync::RetryPolicy::default()
+            .max_attempts(50)
+            .initial_delay(Duration::from_millis(20)),
+    )
+    .build();
+    handle.start().await.unwrap();
+    (handle, recorder)
+}
+
+async fn served(
+    hub: Hub,
+    config: ServerConfig,
+    access: AccessConfig,
+) -> (Server, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::with_config(hub, config, access);
+    let path = server
+        .listen_unix(dir.path().join("hub.sock"))
+        .await
+        .unwrap();
+    (server, path, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_over_unix_sockets_and_websocket_converge() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let addr = server.listen_websocket("127.0.0.1:0").await.unwrap();
+
+    let unix = Client::connect(Endpoint::Unix(path.clone()), options("unix"));
+    let ws = Client::connect(Endpoint::WebSocket(format!("ws://{addr}")), options("ws"));
+    assert_eq!(unix.wait_connected().await, ConnectionStatus::Connected);
+    assert_eq!(ws.wait_connected().await, ConnectionStatus::Connected);
+    // Several handles share each client's one connection.
+    let mut replicas = Vec::new();
+    for client in [&unix, &ws] {
+        for _ in 0..3 {
+            replicas.push(replica(client, "doc").await);
+        }
+    }
+    assert_eq!(server.stats().connections, 2);
+
+    let mut last = Revision::ZERO;
+    for i in 1..=200u64 {
+        last = if i % 2 == 0 {
+            doc.replace(i).await.unwrap()
+        } else {
+            unix.set("doc", &i, None).await.unwrap()
+        };
+    }
+    for (handle, recorder) in &replicas {
+        handle.wait_for_revision(last).await.unwrap();
+        assert_eq!(recorder.last_data(), Some(200));
+        assert!(recorder.is_strictly_increasing());
+    }
+
+    // An up-to-date replica's fetch transfers no data.
+    let sent = server.stats().snapshots_sent;
+    for (handle, _) in &replicas {
+        handle.refresh().await.unwrap();
+    }
+    assert_eq!(server.stats().snapshots_sent, sent);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn compare_and_set_conflicts_carry_the_current_revision() {
+    let hub = Hub::in_memory();
+    hub.json_topic("settings").await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let client = Client::connect(Endpoint::Unix(path), options("cas"));
+    client.wait_connected().await;
+
+    let (base, _) = client.get_json("settings").await.unwrap();
+    let won = client
+        .set_json("settings", r#"{"v":1}"#, Some(base))
+        .await
+        .unwrap();
+    let lost = client
+        .set_json("settings", r#"{"v":2}"#, Some(base))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, ClientError::Conflict { current } if current == won),
+        "{lost}"
+    );
+    let (now, data) = client.get_json("settings").await.unwrap();
+    assert_eq!((now, &data[..]), (won, &br#"{"v":1}"#[..]));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_error_code_and_the_server_keeps_serving() {
+    let hub = Hub::in_memory();
+    let counter = hub.topic("counter", || 5u64).await.unwrap();
+    hub.json_topic("private").await.unwrap();
+    let access = AccessConfig::open().with_client(
+        ClientAccess::new("good")
+            .read("counter")
+            .read("missing")
+            .write("counter")
+            .write("big"),
+    );
+    let config = ServerConfig {
+        max_frame_bytes: 4096,
+        max_snapshot_bytes: 1024,
+        ..ServerConfig::default()
+    };
+    let (server, path, _dir) = served(hub.clone(), config, access).await;
+    let before = counter.get().revision();
+
+    // Handshake failures close the connection.
+    let mut conn = raw(&path).await;
+    expect_error(&mut conn, r#"{"type":"ping","id":1}"#, "not_authenticated").await;
+    assert!(closed(&mut conn).await);
+    let mut conn = raw(&path).await;
+    assert_eq!(hello(&mut conn, Some("bad")).await["code"], "unauthorized");
+    assert!(closed(&mut conn).await);
+    let mut conn = raw(&path).await;
+    assert_eq!(hello(&mut conn, None).await["code"], "unauthorized");
+    let mut conn = raw(&path).await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"hello","version":99,"clientId":"x","token":"good"}"#,
+        "unsupported_version",
+    )
+    .await;
+    let mut conn = raw(&path).await;
+    expect_error(&mut conn, "{not json", "bad_request").await;
+
+    // Request errors keep the connection open.
+    let mut conn = raw(&path).await;
+    assert_eq!(hello(&mut conn, Some("good")).await["type"], "welcome");
+    expect_error(&mut conn, "{not json", "bad_request").await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"frobnicate","id":1}"#,
+        "unknown_message",
+    )
+    .await;
+    expect_error(&mut conn, r#"{"type":"get","id":2}"#, "bad_request").await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"get","id":3,"topic":"counter","ifNewerThan":"01"}"#,
+        "invalid_revision",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"get","id":4,"topic":"counter","ifNewerThan":5}"#,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"set","id":5,"topic":"counter","data":6,"expectedRevision":"1.0"}"#,
+        "invalid_revision",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"get","id":6,"topic":"missing"}"#,
+        "unknown_topic",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"get","id":7,"topic":"  "}"#,
+        "invalid_topic",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"get","id":8,"topic":"private"}"#,
+        "forbidden",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"subscribe","id":9,"topic":"private"}"#,
+        "forbidden",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"set","id":10,"topic":"private","data":1}"#,
+        "forbidden",
+    )
+    .await;
+    expect_error(
+        &mut conn,
+        r#"{"type":"set","id":11,"topic":"counter","data":"six"}"#,
+        "invalid_data",
+    )
+    .await;
+    let big = format!(
+        r#"{{"type":"set","id":12,"topic":"big","data":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    expect_error(&mut conn, &big, "too_large").await;
+    let answer = recv_after(&mut conn, r#"{"type":"get","id":13,"topic":"counter"}"#).await;
+    assert_eq!(answer["id"], 13, "errors carry the request id");
+    assert_eq!(answer["data"], 5);
+    // An oversized frame closes this connection only.
+    let huge = format!(
+        r#"{{"type":"set","id":14,"topic":"big","data":"{}"}}"#,
+        "x".repeat(8000)
+    );
+    expect_error(&mut conn, &huge, "too_large").await;
+    assert!(closed(&mut conn).await);
+
+    // Nothing was committed, and everyone else is still served.
+    assert_eq!(counter.get().revision(), before);
+    assert!(!hub.is_open(&state_sync::Topic::new("big").unwrap()));
+    let client = Client::connect(Endpoint::Unix(path), options("after").token("good"));
+    client.wait_connected().await;
+    let revision = client.set("counter", &6u64, Some(before)).await.unwrap();
+    assert_eq!(revision, before.next());
+    assert_eq!(server.stats().connections, 1);
+    server.shutdown().await;
+}
+
+async fn recv_after(conn: &mut Raw, message: &str) -> Value {
+    send(conn, message).await;
+    recv(conn).await
+}
+
+#[tokio::test]
+async fn a_refused_client_stops_retrying_and_says_why() {
+    let access = AccessConfig::open().with_client(ClientAccess::new("right").read("*"));
+    let (server, path, _dir) = served(Hub::in_memory(), ServerConfig::default(), access).await;
+    let client = Client::connect(Endpoint::Unix(path), options("intruder").token("wrong"));
+    let status = client.wait_connected().await;
+    assert!(
+        matches!(&status, ConnectionStatus::Refused(why) if why.contains("unauthorized")),
+        "{status:?}"
+    );
+    assert!(matches!(
+        client.get_json("x").await,
+        Err(ClientError::Disconnected)
+    ));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_with_a_reason() {
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let (server, path, _dir) = served(Hub::in_memory(), config, AccessConfig::open()).await;
+    let mut conn = raw(&path).await;
+    hello(&mut conn, None).await;
+    assert_eq!(recv(&mut conn).await["code"], "idle_timeout");
+    assert!(closed(&mut conn).await);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+
+    // Subscribes, then never reads again.
+    let mut deaf = raw(&path).await;
+    hello(&mut deaf, None).await;
+    assert_eq!(
+        recv_after(&mut deaf, r#"{"type":"subscribe","id":1,"topic":"doc"}"#).await["type"],
+        "subscribed"
+    );
+
+    let client = Client::connect(Endpoint::Unix(path), options("healthy"));
+    client.wait_connected().await;
+    let (handle, recorder) = replica(&client, "doc").await;
+
+    let mut last = Revision::ZERO;
+    for i in 1..=10_000u64 {
+        last = doc.replace(i).await.unwrap();
+        if i % 1000 == 0 {
+            let stats = server.stats();
+            assert!(stats.max_pending_per_connection <= 1, "{stats:?}");
+        }
+    }
+    handle.wait_for_revision(last).await.unwrap();
+    assert_eq!(recorder.last_data(), Some(10_000));
+    let stats = server.stats();
+    assert!(stats.max_pending_per_connection <= 1, "{stats:?}");
+    assert!(stats.invalidations_coalesced > 0, "{stats:?}");
+    drop(deaf);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_connections_on_one_server() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+
+    let mut replicas = Vec::new();
+    for i in 0..1000 {
+        let client = Client::connect(Endpoint::Unix(path.clone()), options(&format!("c{i}")));
+        client.wait_connected().await;
+        let (handle, recorder) = replica(&client, "doc").await;
+        replicas.push((client, handle, recorder));
+    }
+    assert_eq!(server.stats().connections, 1000);
+    let last = doc.replace(42).await.unwrap();
+    for (_, handle, recorder) in &replicas {
+        handle.wait_for_revision(last).await.unwrap();
+        assert_eq!(recorder.last_data(), Some(42));
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_resubscribe_and_resync_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("data");
+    let socket = dir.path().join("hub.sock");
+
+    let hub = Hub::new(FileStorage::open(&store).unwrap());
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let server = Server::new(hub);
+    server.listen_unix(&socket).await.unwrap();
+    let client = Client::connect(Endpoint::Unix(socket.clone()), options("survivor"));
+    client.wait_connected().await;
+    let (handle, recorder) = replica(&client, "doc").await;
+    let before = doc.replace(1).await.unwrap();
+    handle.wait_for_revision(before).await.unwrap();
+
+    let mut status = client.watch_status();
+    server.shutdown().await;
+    drop(doc);
+    status
+        .wait_for(|s| {
+            matches!(
+                s,
+                ConnectionStatus::Disconnected(_) | ConnectionStatus::Connecting
+            )
+        })
+        .await
+        .unwrap();
+
+    // Restarted on the same storage; a write lands before the client is back.
+    let hub = Hub::new(FileStorage::open(&store).unwrap());
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    assert_eq!(doc.get().revision(), before);
+    let during = doc.replace(2).await.unwrap();
+    let server = Server::new(hub);
+    server.listen_unix(&socket).await.unwrap();
+
+    handle.wait_for_revision(during).await.unwrap();
+    assert_eq!(recorder.last_data(), Some(2));
+    let after = client.set("doc", &3u64, None).await.unwrap();
+    handle.wait_for_revision(after).await.unwrap();
+    assert_eq!(recorder.last_data(), Some(3));
+    assert!(recorder.is_strictly_increasing());
+    server.shutdown().await;
+}
