@@ -1,6 +1,6 @@
 //! state-sync between processes and machines.
 //!
-//! - A versioned JSON [protocol](protocol) (see `docs/PROTOCOL.md`):
+//! - A versioned JSON [`protocol`] (see `docs/PROTOCOL.md`):
 //!   length-delimited frames over Unix sockets, text frames over WebSocket;
 //!   many topics over one connection; every error with a stable
 //!   [`ErrorCode`].
