@@ -634,6 +634,9 @@ async fn serve(
             for topic in topics {
                 if let Err(e) = shared.subscribe_remote(&topic).await {
                     tracing::warn!(%topic, error = %e, "resubscribe failed");
+                    for sink in shared.sinks_of(&topic) {
+                        sink.report_error(format!("resubscribing `{topic}` failed: {e}"));
+                    }
                 }
             }
             if reconnected {
@@ -745,7 +748,11 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
             code,
             message,
         } => {
-            tracing::warn!(%code, %message, "hub error");
+            if *code == ErrorCode::ShuttingDown {
+                tracing::debug!(%message, "the hub is shutting down");
+            } else {
+                tracing::warn!(%code, %message, "hub error");
+            }
             return;
         }
         ServerMessage::Error { id: Some(id), .. }
@@ -815,10 +822,18 @@ impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
             entry.sinks.push((sink_id, sink));
             entry.sinks.len() == 1
         };
-        // While disconnected, the reconnect subscribes it.
-        let connected = lock(&shared.outgoing).is_some();
-        if first && connected {
-            if let Err(e) = shared.subscribe_remote(topic).await {
+        // The first handle of a topic subscribes it on the hub, and only
+        // succeeds once the hub confirmed: an unknown topic or an
+        // unreachable hub fails `start`, which the caller may retry.
+        if first {
+            let connected =
+                tokio::time::timeout(shared.options.request_timeout, self.client.wait_connected())
+                    .await;
+            let subscribed = match connected {
+                Ok(ConnectionStatus::Connected) => shared.subscribe_remote(topic).await,
+                _ => Err(ClientError::Disconnected),
+            };
+            if let Err(e) = subscribed {
                 remove_sink(&shared, topic, sink_id);
                 return Err(e.into());
             }

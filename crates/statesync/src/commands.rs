@@ -1,0 +1,367 @@
+//! `serve`, `get`, `set`, `watch`: thin layers over the library crates.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::Value;
+use state_sync::{RetryPolicy, Revision, SyncHandle, applier};
+use state_sync_hub::Hub;
+use state_sync_net::{
+    AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
+    ErrorCode, Server, ServerConfig,
+};
+use state_sync_storage::{Durability, FileStorage};
+
+use crate::{HubArgs, default_data_dir, exit};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Where the store and the socket live (default: `state-sync` under the
+    /// user's data directory).
+    #[arg(long, env = "STATESYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The Unix socket to listen on (default: `hub.sock` in the data
+    /// directory).
+    #[arg(long, env = "STATESYNC_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen for WebSocket clients on this address, e.g.
+    /// `127.0.0.1:7700` (port 0 picks a free port).
+    #[arg(long)]
+    ws: Option<String>,
+    /// Access rules: a TOML file with `[[clients]]` entries (token, read,
+    /// write patterns).
+    #[arg(long, env = "STATESYNC_ACCESS")]
+    access: Option<PathBuf>,
+    /// A token with full access (in addition to `--access` entries).
+    #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Skip `fsync`: survives a crash of the process, not of the machine.
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => {}
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
+    eprintln!("statesync: {message}");
+    code
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> u8 {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    if let Err(e) = std::fs::create_dir_all(&data_dir) {
+        return fail(
+            exit::FAILURE,
+            format!("cannot create {}: {e}", data_dir.display()),
+        );
+    }
+    let durability = if args.no_fsync {
+        Durability::NoFsync
+    } else {
+        Durability::Fsync
+    };
+    let storage = match FileStorage::open(data_dir.join("store")) {
+        Ok(s) => s.durability(durability),
+        Err(e) => return fail(exit::FAILURE, e),
+    };
+    let mut access = match &args.access {
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| AccessConfig::from_toml(&text).map_err(|e| e.to_string()))
+        {
+            Ok(access) => access,
+            Err(e) => return fail(exit::BAD_INPUT, format!("{}: {e}", path.display())),
+        },
+        None => AccessConfig::open(),
+    };
+    if let Some(token) = args.token {
+        access = access.with_client(ClientAccess::new(token).read("*").write("*"));
+    }
+    let hub = Hub::new(storage);
+    let topics = match hub.open_stored_topics().await {
+        Ok(topics) => topics,
+        Err(e) => {
+            return fail(
+                exit::FAILURE,
+                format!("cannot open the store: {}", chain(&e)),
+            );
+        }
+    };
+    let server = Server::with_config(hub, ServerConfig::default(), access);
+    let socket = args.socket.unwrap_or_else(|| data_dir.join("hub.sock"));
+    let socket = match server.listen_unix(&socket).await {
+        Ok(path) => path,
+        Err(e) => {
+            return fail(
+                exit::FAILURE,
+                format!("cannot listen on {}: {e}", socket.display()),
+            );
+        }
+    };
+    let websocket = match &args.ws {
+        Some(addr) => match server.listen_websocket(addr.as_str()).await {
+            Ok(addr) => Some(addr.to_string()),
+            Err(e) => return fail(exit::FAILURE, format!("cannot listen on {addr}: {e}")),
+        },
+        None => None,
+    };
+    let ready = serde_json::json!({
+        "event": "listening",
+        "socket": socket,
+        "websocket": websocket,
+        "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+    });
+    println!("{ready}");
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    server.shutdown().await;
+    println!("{}", serde_json::json!({"event": "stopped"}));
+    exit::OK
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// The topic.
+    topic: String,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SetArgs {
+    /// The topic.
+    topic: String,
+    /// The JSON value; `-` or nothing reads stdin.
+    json: Option<String>,
+    /// Read the JSON value from this file.
+    #[arg(long, conflicts_with = "json")]
+    file: Option<PathBuf>,
+    /// Write only if the topic is still at this revision (compare-and-set).
+    #[arg(long, value_name = "REVISION")]
+    expect: Option<Revision>,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    /// The topics.
+    #[arg(required = true)]
+    topics: Vec<String>,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+pub(crate) fn endpoint(hub: &HubArgs) -> Endpoint {
+    match (&hub.url, &hub.socket) {
+        (Some(url), _) => Endpoint::WebSocket(url.clone()),
+        (None, Some(socket)) => Endpoint::Unix(socket.clone()),
+        (None, None) => Endpoint::Unix(
+            hub.data_dir
+                .clone()
+                .unwrap_or_else(default_data_dir)
+                .join("hub.sock"),
+        ),
+    }
+}
+
+pub(crate) fn options(hub: &HubArgs, client_id: &str) -> ClientOptions {
+    let mut options = ClientOptions::new(client_id).reconnect(
+        RetryPolicy::default()
+            .max_attempts(u32::MAX)
+            .initial_delay(Duration::from_millis(50))
+            .max_delay(Duration::from_secs(2))
+            .jitter(true),
+    );
+    if let Some(token) = &hub.token {
+        options = options.token(token.clone());
+    }
+    options
+}
+
+/// Connects for a one-shot command: gives up after a few seconds.
+async fn connect_once(hub: &HubArgs, client_id: &str) -> Result<Client, u8> {
+    let endpoint = endpoint(hub);
+    let client = Client::connect(endpoint.clone(), options(hub, client_id));
+    match tokio::time::timeout(Duration::from_secs(5), client.wait_connected()).await {
+        Ok(ConnectionStatus::Connected) => Ok(client),
+        Ok(ConnectionStatus::Refused(why)) => {
+            Err(fail(exit::DENIED, format!("refused by the hub: {why}")))
+        }
+        _ => Err(fail(
+            exit::FAILURE,
+            format!("cannot reach the hub at {endpoint} ({:?})", client.status()),
+        )),
+    }
+}
+
+fn exit_code(error: &ClientError) -> u8 {
+    match error {
+        ClientError::Conflict { .. } => exit::CONFLICT,
+        ClientError::Json(_) => exit::BAD_INPUT,
+        ClientError::Server { code, .. } => match code {
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => exit::DENIED,
+            ErrorCode::BadRequest
+            | ErrorCode::InvalidTopic
+            | ErrorCode::UnknownTopic
+            | ErrorCode::InvalidRevision
+            | ErrorCode::TooLarge
+            | ErrorCode::InvalidData => exit::BAD_INPUT,
+            _ => exit::FAILURE,
+        },
+        _ => exit::FAILURE,
+    }
+}
+
+pub(crate) async fn get(args: GetArgs) -> u8 {
+    let client = match connect_once(&args.hub, "statesync-get").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.get_json(&args.topic).await {
+        Ok((revision, data)) => {
+            let data = String::from_utf8_lossy(&data);
+            println!(r#"{{"revision":"{revision}","data":{data}}}"#);
+            exit::OK
+        }
+        Err(e) => fail(exit_code(&e), e),
+    }
+}
+
+pub(crate) async fn set(args: SetArgs) -> u8 {
+    let json = match read_input(args.json.as_deref(), args.file.as_ref()) {
+        Ok(json) => json,
+        Err(e) => return fail(exit::BAD_INPUT, e),
+    };
+    if let Err(e) = serde_json::from_str::<Value>(&json) {
+        return fail(exit::BAD_INPUT, format!("invalid JSON: {e}"));
+    }
+    let client = match connect_once(&args.hub, "statesync-set").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.set_json(&args.topic, json, args.expect).await {
+        Ok(revision) => {
+            println!(r#"{{"revision":"{revision}"}}"#);
+            exit::OK
+        }
+        Err(ClientError::Conflict { current }) => fail(
+            exit::CONFLICT,
+            format!(
+                "conflict: `{}` is at revision {current}, not {}; nothing was written",
+                args.topic,
+                args.expect.unwrap_or(Revision::ZERO)
+            ),
+        ),
+        Err(e) => fail(exit_code(&e), e),
+    }
+}
+
+fn read_input(json: Option<&str>, file: Option<&PathBuf>) -> Result<String, String> {
+    match (json, file) {
+        (_, Some(path)) => {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        (Some(json), None) if json != "-" => Ok(json.to_owned()),
+        _ => {
+            let mut input = String::new();
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .map_err(|e| format!("stdin: {e}"))?;
+            Ok(input)
+        }
+    }
+}
+
+/// Prints one applied snapshot as a JSON line.
+fn print_applied(topic: &str, revision: Revision, data: &Value) {
+    let line = serde_json::json!({"topic": topic, "revision": revision, "data": data});
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Starts a replica of `topic` that prints every applied snapshot; retries
+/// `start` until the hub answers.
+pub(crate) async fn start_watch(client: &Client, topic: &str) -> Result<SyncHandle, u8> {
+    let remote = client
+        .topic::<Value>(topic)
+        .map_err(|e| fail(exit::BAD_INPUT, e))?;
+    let name = topic.to_owned();
+    let handle = SyncHandle::builder(
+        remote.topic().clone(),
+        remote.clone(),
+        remote,
+        applier::from_fn(move |snapshot: state_sync::SnapshotEnvelope<Value>| {
+            print_applied(&name, snapshot.revision, &snapshot.data);
+            Ok::<(), std::convert::Infallible>(())
+        }),
+    )
+    .retry(
+        RetryPolicy::default()
+            .max_attempts(20)
+            .initial_delay(Duration::from_millis(50))
+            .max_delay(Duration::from_secs(2)),
+    )
+    .on_error(|e| tracing::warn!("{e}"))
+    .build();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match handle.start().await {
+            Ok(()) => return Ok(handle),
+            Err(e) => {
+                tracing::warn!(%topic, "start failed, retrying: {e}");
+                if matches!(client.status(), ConnectionStatus::Refused(_)) {
+                    return Err(fail(exit::DENIED, format!("refused by the hub: {e}")));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+pub(crate) async fn watch(args: WatchArgs) -> u8 {
+    let client = Client::connect(endpoint(&args.hub), options(&args.hub, "statesync-watch"));
+    let mut handles = Vec::new();
+    for topic in &args.topics {
+        let started = tokio::select! {
+            started = start_watch(&client, topic) => started,
+            () = shutdown_signal() => return exit::OK,
+        };
+        match started {
+            Ok(handle) => handles.push(handle),
+            Err(code) => return code,
+        }
+    }
+    shutdown_signal().await;
+    for handle in handles {
+        handle.stop().await;
+    }
+    exit::OK
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

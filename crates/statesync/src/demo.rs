@@ -1,0 +1,326 @@
+//! `statesync demo`: the whole system, live, in one command.
+//!
+//! A hub process on a temporary store, replica processes (`statesync
+//! watch`), two writers racing compare-and-set increments (conflicts are
+//! detected and retried), a hub killed and restarted in the middle, and a
+//! summary once every replica holds the hub's final revision.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::Value;
+use state_sync::Revision;
+use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::exit;
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Replica processes to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    replicas: u32,
+    /// Increments each of the two writers makes.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=100_000))]
+    writes: u64,
+}
+
+/// What each replica last applied, per topic: (revision, data).
+type Seen = Arc<Mutex<Vec<BTreeMap<String, (Revision, Value)>>>>;
+
+const TOPIC: &str = "counter";
+
+pub(crate) async fn run(args: DemoArgs) -> u8 {
+    match demo(args).await {
+        Ok(true) => exit::OK,
+        Ok(false) => exit::FAILURE,
+        Err(e) => {
+            eprintln!("statesync demo: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
+    let dir = tempfile::Builder::new()
+        .prefix("statesync-demo-")
+        .tempdir()?;
+    let exe = std::env::current_exe()?;
+    let socket = dir.path().join("hub.sock");
+    println!("statesync demo — hub store in {}", dir.path().display());
+
+    let mut hub = start_hub(&exe, dir.path()).await?;
+    println!("hub listening on {}", socket.display());
+
+    let seen: Seen = Arc::new(Mutex::new(vec![BTreeMap::new(); args.replicas as usize]));
+    let mut replicas = Vec::new();
+    for i in 0..args.replicas as usize {
+        replicas.push(start_replica(&exe, &socket, i, seen.clone())?);
+    }
+    println!("{} replica processes watching `{TOPIC}`", args.replicas);
+
+    // The topic starts at 0; every later write is a compare-and-set.
+    let setup = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("demo"));
+    setup.wait_connected().await;
+    setup.set(TOPIC, &0u64, None).await?;
+
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let total = args.writes * 2;
+    let writers: Vec<_> = ["writer-a", "writer-b"]
+        .into_iter()
+        .map(|name| {
+            let client = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new(name));
+            tokio::spawn(increment_loop(
+                client,
+                args.writes,
+                conflicts.clone(),
+                done.clone(),
+            ))
+        })
+        .collect();
+
+    // Live view; the hub is killed and restarted halfway.
+    let started = Instant::now();
+    let live = std::io::stdout().is_terminal();
+    let mut restarted = false;
+    let mut last_print = Instant::now();
+    while done.load(Ordering::Relaxed) < total {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let progress = done.load(Ordering::Relaxed);
+        if !restarted && progress >= total / 2 {
+            hub.kill().await?;
+            println!(
+                "\n*** hub killed (SIGKILL) after {progress} of {total} writes; restarting on the same store"
+            );
+            hub = start_hub(&exe, dir.path()).await?;
+            println!("*** hub back; writers and replicas reconnect and resync\n");
+            restarted = true;
+        }
+        if live || last_print.elapsed() > Duration::from_secs(1) {
+            render(
+                &seen,
+                progress,
+                total,
+                conflicts.load(Ordering::Relaxed),
+                live,
+            );
+            last_print = Instant::now();
+        }
+    }
+    for writer in writers {
+        writer.await??;
+    }
+
+    // The final state, read from the hub; wait until every replica has it.
+    setup.wait_connected().await;
+    let (final_revision, final_data) = setup.get_json(TOPIC).await?;
+    let final_value: Value = serde_json::from_slice(&final_data)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let converged = loop {
+        let all = seen
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .all(|r| r.get(TOPIC).is_some_and(|(rev, _)| *rev == final_revision))
+            })
+            .unwrap_or(false);
+        if all || Instant::now() > deadline {
+            break all;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    render(&seen, total, total, conflicts.load(Ordering::Relaxed), live);
+
+    for replica in &mut replicas {
+        let _ = replica.kill().await;
+    }
+    stop_gracefully(&mut hub).await;
+
+    let expected = Value::from(total);
+    let correct = final_value == expected;
+    println!("\n── summary ──────────────────────────────────────────");
+    println!("writes committed      {total} (two writers, compare-and-set increments)");
+    println!(
+        "conflicts detected    {} (each retried on the new revision)",
+        conflicts.load(Ordering::Relaxed)
+    );
+    println!("hub restarts          1 (SIGKILL mid-stream, same store)");
+    println!(
+        "final value           {final_value} (expected {expected}: {})",
+        if correct {
+            "no update lost"
+        } else {
+            "UPDATES LOST"
+        }
+    );
+    println!("final revision        {final_revision}");
+    let revisions: Vec<String> = seen
+        .lock()
+        .map(|s| {
+            s.iter()
+                .map(|r| {
+                    r.get(TOPIC)
+                        .map_or("-".to_owned(), |(rev, _)| rev.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("replica revisions     {}", revisions.join(", "));
+    println!(
+        "converged             {} in {:.1} s",
+        if converged {
+            "yes, all replicas equal the hub"
+        } else {
+            "NO"
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(converged && correct)
+}
+
+/// Increments the counter `writes` times with compare-and-set, retrying on
+/// conflicts and while the hub is away.
+async fn increment_loop(
+    client: Client,
+    writes: u64,
+    conflicts: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+) -> Result<(), ClientError> {
+    client.wait_connected().await;
+    let mut made = 0;
+    while made < writes {
+        let attempt = async {
+            let (revision, data) = client.get_json(TOPIC).await?;
+            let value: u64 = serde_json::from_slice(&data).unwrap_or(0);
+            client.set(TOPIC, &(value + 1), Some(revision)).await
+        };
+        match attempt.await {
+            Ok(_) => {
+                made += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(ClientError::Conflict { .. }) => {
+                conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(ClientError::Disconnected | ClientError::Timeout(_)) => {
+                // The hub is restarting; the client reconnects by itself.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+fn render(seen: &Seen, done: u64, total: u64, conflicts: u64, live: bool) {
+    let rows: Vec<String> = seen
+        .lock()
+        .map(|s| {
+            s.iter()
+                .enumerate()
+                .map(|(i, r)| match r.get(TOPIC) {
+                    Some((rev, data)) => {
+                        format!("  replica {i}: revision {rev:<20} counter = {data}")
+                    }
+                    None => format!("  replica {i}: (no snapshot yet)"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let width = 30;
+    let filled = usize::try_from(done * width / total.max(1)).unwrap_or(0);
+    let bar = format!(
+        "  writes [{}{}] {done}/{total}   conflicts {conflicts}",
+        "#".repeat(filled),
+        ".".repeat(30 - filled.min(30))
+    );
+    let mut out = std::io::stdout().lock();
+    if live {
+        // Redraw in place.
+        let _ = write!(out, "\x1b[{}F\x1b[J", rows.len() + 1);
+    }
+    let _ = writeln!(out, "{bar}");
+    for row in rows {
+        let _ = writeln!(out, "{row}");
+    }
+    let _ = out.flush();
+}
+
+async fn start_hub(exe: &Path, dir: &Path) -> Result<Child, Box<dyn std::error::Error>> {
+    let mut child = Command::new(exe)
+        .args(["serve", "--log", "error", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no hub stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .map_err(|_| "the hub did not start within 10 s")??
+        .ok_or("the hub exited")?;
+    if !first.contains("\"listening\"") {
+        return Err(format!("unexpected hub output: {first}").into());
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(child)
+}
+
+fn start_replica(
+    exe: &Path,
+    socket: &Path,
+    index: usize,
+    seen: Seen,
+) -> Result<Child, Box<dyn std::error::Error>> {
+    let mut child = Command::new(exe)
+        .args(["watch", TOPIC, "--log", "error", "--socket"])
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no replica stdout")?;
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(applied) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let topic = applied["topic"].as_str().unwrap_or_default().to_owned();
+            let revision =
+                Revision::from_json_value(&applied["revision"]).unwrap_or(Revision::ZERO);
+            if let Ok(mut seen) = seen.lock() {
+                seen[index].insert(topic, (revision, applied["data"].clone()));
+            }
+        }
+    });
+    Ok(child)
+}
+
+/// SIGTERM through `kill(1)`, then wait; SIGKILL if it does not stop.
+async fn stop_gracefully(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}

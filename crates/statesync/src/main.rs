@@ -1,0 +1,140 @@
+//! `statesync`: run a hub, read and write its topics, watch them replicate.
+
+mod commands;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, documented in `--help`.
+pub(crate) mod exit {
+    /// Success.
+    pub(crate) const OK: u8 = 0;
+    /// The hub could not be reached, or another runtime failure.
+    pub(crate) const FAILURE: u8 = 1;
+    /// Bad command-line usage (clap's own code).
+    #[allow(dead_code)]
+    pub(crate) const USAGE: u8 = 2;
+    /// A compare-and-set (`set --expect`) found another revision.
+    pub(crate) const CONFLICT: u8 = 3;
+    /// The input was refused: invalid JSON, invalid topic or revision, data
+    /// that does not fit the topic, too large, unknown topic.
+    pub(crate) const BAD_INPUT: u8 = 4;
+    /// The token was refused, or the topic is forbidden to it.
+    pub(crate) const DENIED: u8 = 5;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the hub could not be reached, or another failure
+  2  bad command-line usage
+  3  conflict: `set --expect` found another revision
+  4  input refused: invalid JSON, topic or revision; data too large or not fitting the topic; unknown topic
+  5  access denied: bad token, or topic forbidden to it";
+
+/// Keep state consistent across processes: a hub (the source of truth) and
+/// replicas that follow it.
+#[derive(Debug, Parser)]
+#[command(name = "statesync", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Log level or filter (e.g. `info`, `debug`, `state_sync_net=trace`).
+    #[arg(long, global = true, default_value = "warn", env = "STATESYNC_LOG")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub on the embedded crash-safe file store.
+    #[command(after_help = "Examples:
+  statesync serve
+  statesync serve --data-dir ./state --ws 127.0.0.1:7700 --token s3cret
+  statesync serve --access access.toml --log info")]
+    Serve(commands::ServeArgs),
+    /// Print a topic's `{revision, data}` as JSON.
+    #[command(after_help = "Examples:
+  statesync get settings
+  statesync get settings --url ws://127.0.0.1:7700 --token s3cret")]
+    Get(commands::GetArgs),
+    /// Write a topic (JSON from the argument, `--file`, or stdin).
+    #[command(after_help = format!("Examples:
+  statesync set settings '{{\"theme\":\"dark\"}}'
+  statesync set settings --file settings.json --expect 42
+  echo '{{\"theme\":\"light\"}}' | statesync set settings
+
+{EXIT_CODES}"))]
+    Set(commands::SetArgs),
+    /// Follow topics through the sync engine; print each applied snapshot as
+    /// one JSON line `{topic, revision, data}`. Survives hub restarts.
+    #[command(after_help = "Examples:
+  statesync watch settings
+  statesync watch settings cart --url ws://127.0.0.1:7700")]
+    Watch(commands::WatchArgs),
+    /// One command, nothing to configure: a hub, replica processes, writers,
+    /// a conflict and a hub restart, shown live; ends with a summary.
+    #[command(after_help = "Examples:
+  statesync demo
+  statesync demo --replicas 5 --writes 200")]
+    Demo(demo::DemoArgs),
+}
+
+/// How to reach a hub; shared by `get`, `set` and `watch`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct HubArgs {
+    /// The hub's Unix socket (default: `hub.sock` in the data directory).
+    #[arg(long, env = "STATESYNC_SOCKET", conflicts_with = "url")]
+    socket: Option<PathBuf>,
+    /// The hub's WebSocket URL, e.g. `ws://127.0.0.1:7700`.
+    #[arg(long, env = "STATESYNC_URL")]
+    url: Option<String>,
+    /// Access token.
+    #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The data directory whose socket to use.
+    #[arg(long, env = "STATESYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// The default data directory: `state-sync` under the user's data
+/// directory.
+pub(crate) fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("state-sync")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("statesync: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => commands::serve(args).await,
+            Command::Get(args) => commands::get(args).await,
+            Command::Set(args) => commands::set(args).await,
+            Command::Watch(args) => commands::watch(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    ExitCode::from(code)
+}

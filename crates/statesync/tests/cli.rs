@@ -1,0 +1,334 @@
+//! The real `statesync` binary, in separate processes over real sockets:
+//! serve/set/get/watch round trips, exit codes, a hub killed with SIGKILL
+//! and restarted, and the demo.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use serde_json::{Value, json};
+use state_sync::Revision;
+use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+
+fn statesync() -> Command {
+    Command::cargo_bin("statesync").unwrap()
+}
+
+/// A `statesync serve` process; killed on drop.
+struct HubProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl HubProcess {
+    fn start(data_dir: &Path, extra: &[&str]) -> HubProcess {
+        let mut child = statesync()
+            .args(["serve", "--log", "warn", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let ready: Value =
+            serde_json::from_str(&first).unwrap_or_else(|_| panic!("hub said {first:?}"));
+        assert_eq!(ready["event"], "listening");
+        HubProcess {
+            child,
+            socket: PathBuf::from(ready["socket"].as_str().unwrap()),
+        }
+    }
+
+    fn kill(&mut self) {
+        // std's kill is SIGKILL on Unix: no shutdown, no flush.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `statesync watch` process and the lines it printed.
+struct Watcher {
+    child: Child,
+    applied: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Watcher {
+    fn start(socket: &Path, topics: &[&str]) -> Watcher {
+        let mut child = statesync()
+            .arg("watch")
+            .args(topics)
+            .args(["--log", "error", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let lines = applied.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                lines
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        Watcher { child, applied }
+    }
+
+    /// Waits (up to 30 s) until the last line for `topic` is at `revision`;
+    /// returns its data.
+    fn wait_for(&self, topic: &str, revision: Revision) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = self
+                .applied
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|l| l["topic"] == topic)
+                .cloned();
+            if let Some(last) = &last
+                && Revision::from_json_value(&last["revision"]).unwrap() == revision
+            {
+                return last["data"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watcher stuck at {last:?}, want {revision}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Revisions it applied for `topic`, in order.
+    fn revisions(&self, topic: &str) -> Vec<Revision> {
+        self.applied
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["topic"] == topic)
+            .map(|l| Revision::from_json_value(&l["revision"]).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(args: &[&str], socket: &Path) -> (i32, String, String) {
+    let out = statesync()
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn serve_set_get_and_watch_round_trip_between_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), &[]);
+    let watcher = Watcher::start(&hub.socket, &["settings"]);
+
+    let (code, out, err) = run(&["set", "settings", r#"{"theme":"dark"}"#], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let written: Value = serde_json::from_str(&out).unwrap();
+    let revision = Revision::from_json_value(&written["revision"]).unwrap();
+
+    let (code, out, err) = run(&["get", "settings"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        got,
+        json!({"revision": revision.to_string(), "data": {"theme": "dark"}})
+    );
+
+    assert_eq!(
+        watcher.wait_for("settings", revision),
+        json!({"theme": "dark"})
+    );
+
+    // stdin and --file inputs.
+    let mut child = statesync()
+        .args(["set", "settings", "--socket"])
+        .arg(&hub.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), br#"{"theme":"light"}"#).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait_with_output().unwrap().status.success());
+    let file = dir.path().join("v.json");
+    std::fs::write(&file, r#"{"theme":"solarized"}"#).unwrap();
+    let (code, out, _) = run(
+        &["set", "settings", "--file", file.to_str().unwrap()],
+        &hub.socket,
+    );
+    assert_eq!(code, 0);
+    let last = Revision::from_json_value(&serde_json::from_str::<Value>(&out).unwrap()["revision"])
+        .unwrap();
+    assert_eq!(
+        watcher.wait_for("settings", last),
+        json!({"theme": "solarized"})
+    );
+}
+
+#[test]
+fn exit_codes_for_conflicts_bad_input_and_bad_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), &["--token", "s3cret"]);
+    let socket = &hub.socket;
+    let with_token = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--token", "s3cret"]);
+        run(&all, socket)
+    };
+
+    let (code, out, _) = with_token(&["set", "n", "1"]);
+    assert_eq!(code, 0);
+    let first =
+        Revision::from_json_value(&serde_json::from_str::<Value>(&out).unwrap()["revision"])
+            .unwrap();
+    let (code, _, _) = with_token(&["set", "n", "2", "--expect", &first.to_string()]);
+    assert_eq!(code, 0);
+    let (code, _, err) = with_token(&["set", "n", "3", "--expect", &first.to_string()]);
+    assert_eq!(code, 3, "conflict: {err}");
+    assert!(err.contains("conflict"), "{err}");
+
+    let (code, _, err) = with_token(&["set", "n", "{not json"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("invalid JSON"), "{err}");
+    let (code, _, _) = with_token(&["set", "n", "1", "--expect", "01"]);
+    assert_eq!(code, 2, "a non-canonical revision is a usage error");
+    let (code, _, _) = with_token(&["get", "nothing-here"]);
+    assert_eq!(code, 4, "unknown topic");
+
+    let (code, _, err) = run(&["get", "n", "--token", "wrong"], socket);
+    assert_eq!(code, 5, "{err}");
+    let (code, _, _) = run(&["set", "n", "9"], socket);
+    assert_eq!(code, 5, "no token");
+
+    // Still serving, and nothing refused was written.
+    let (code, out, _) = with_token(&["get", "n"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["data"], 2);
+
+    let gone = dir.path().join("no.sock");
+    let (code, _, err) = run(&["get", "n"], &gone);
+    assert_eq!(code, 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_converge_and_survive_a_sigkilled_hub_without_losing_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start(dir.path(), &[]);
+    let socket = hub.socket.clone();
+    let watchers: Vec<Watcher> = (0..3)
+        .map(|_| Watcher::start(&socket, &["counter"]))
+        .collect();
+
+    let writer = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("writer"));
+    writer.wait_connected().await;
+    let mut acked: Vec<(Revision, u64)> = Vec::new();
+    let mut value = 0u64;
+    for round in 0..2 {
+        for _ in 0..100 {
+            value += 1;
+            loop {
+                match writer.set("counter", &value, None).await {
+                    Ok(revision) => {
+                        acked.push((revision, value));
+                        break;
+                    }
+                    Err(ClientError::Disconnected | ClientError::Timeout(_)) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        if round == 0 {
+            // Mid-stream: no shutdown, no flush. Restart on the same store.
+            hub.kill();
+            hub = HubProcess::start(dir.path(), &[]);
+            // Everything acknowledged before the kill survived.
+            let reader =
+                Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("check"));
+            reader.wait_connected().await;
+            let (revision, data) = reader.get_json("counter").await.unwrap();
+            assert_eq!(revision, acked.last().unwrap().0);
+            assert_eq!(serde_json::from_slice::<u64>(&data).unwrap(), value);
+        }
+    }
+
+    let (last_revision, last_value) = *acked.last().unwrap();
+    assert_eq!(last_value, 200);
+    let revisions: Vec<Revision> = acked.iter().map(|(r, _)| *r).collect();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "revisions went backwards"
+    );
+    for watcher in &watchers {
+        assert_eq!(watcher.wait_for("counter", last_revision), json!(200));
+        let seen = watcher.revisions("counter");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+}
+
+#[test]
+fn the_demo_runs_to_completion_and_reports_convergence() {
+    let out = statesync()
+        .args(["demo", "--replicas", "3", "--writes", "40"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("converged             yes"), "{stdout}");
+    assert!(stdout.contains("no update lost"), "{stdout}");
+    assert!(stdout.contains("hub killed (SIGKILL)"), "{stdout}");
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for command in ["serve", "get", "set", "watch", "demo"] {
+        let out = statesync().args([command, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Examples:"),
+            "{command}"
+        );
+    }
+    let out = statesync().arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Exit codes:"));
+}
