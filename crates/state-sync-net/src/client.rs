@@ -573,7 +573,7 @@ async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
                 .max_message_size(Some(max))
                 .max_frame_size(Some(max));
             let (socket, _) =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false)
+                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
                     .await
                     .map_err(|e| retry(&e))?;
             frames::websocket(socket)

@@ -258,6 +258,10 @@ impl Server {
                         continue;
                     }
                 };
+                // Small frames must not wait for Nagle's algorithm.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+                }
                 let shared = shared.clone();
                 shared.tasks.clone().spawn(async move {
                     let upgrade = tokio::time::timeout(

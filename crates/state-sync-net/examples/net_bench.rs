@@ -1,0 +1,236 @@
+//! Load generator: N subscribed replicas over Unix sockets or WebSocket,
+//! one writer at a steady rate; convergence latency, fetches and bytes per
+//! write, server RSS. One JSON line per configuration.
+//!
+//! ```text
+//! cargo run --release -p state-sync-net --example net_bench
+//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix   # one configuration
+//! ```
+//!
+//! The server runs in a child process (this example, re-executed), so its
+//! RSS is its own. Latency is measured per write from just before the
+//! writer sends `set` until every replica has applied that revision (or a
+//! newer one).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use state_sync::{RetryPolicy, Revision, SnapshotEnvelope, SyncHandle, applier};
+use state_sync_hub::Hub;
+use state_sync_net::{Client, ClientOptions, Endpoint, Server, ServerConfig};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const SERVER_ENV: &str = "STATE_SYNC_NET_BENCH_SERVER";
+const WRITES: usize = 100;
+const RATE_PER_SEC: u64 = 20;
+
+/// The child: a hub and a server; prints its addresses, answers `stats`
+/// lines on stdin with the server's counters.
+async fn server_child(dir: String) -> Result<(), BoxError> {
+    let hub = Hub::in_memory();
+    hub.json_topic("bench").await?;
+    let server = Server::with_config(
+        hub,
+        ServerConfig::default(),
+        state_sync_net::AccessConfig::open(),
+    );
+    let socket = server.listen_unix(format!("{dir}/bench.sock")).await?;
+    let ws = server.listen_websocket("127.0.0.1:0").await?;
+    println!("{}", json!({"socket": socket, "ws": format!("ws://{ws}")}));
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+    while let Some(_line) = lines.next_line().await? {
+        let s = server.stats();
+        println!(
+            "{}",
+            json!({"snapshots": s.snapshots_sent, "bytes": s.snapshot_bytes_sent, "connections": s.connections})
+        );
+    }
+    Ok(())
+}
+
+struct ServerProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+    socket: String,
+    ws: String,
+}
+
+impl ServerProcess {
+    fn start(dir: &std::path::Path) -> Result<Self, BoxError> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(SERVER_ENV, dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().ok_or("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let ready: Value = serde_json::from_str(&line)?;
+        Ok(ServerProcess {
+            socket: ready["socket"].as_str().ok_or("socket")?.to_owned(),
+            ws: ready["ws"].as_str().ok_or("ws")?.to_owned(),
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn stats(&mut self) -> Result<(u64, u64), BoxError> {
+        writeln!(self.stdin, "stats")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line)?;
+        Ok((
+            v["snapshots"].as_u64().unwrap_or(0),
+            v["bytes"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Per replica: (revision, when applied), in apply order.
+type Applied = Arc<Mutex<Vec<(Revision, Instant)>>>;
+
+async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Result<(), BoxError> {
+    let endpoint = match transport {
+        "unix" => Endpoint::Unix(server.socket.clone().into()),
+        _ => Endpoint::WebSocket(server.ws.clone()),
+    };
+    let mut handles = Vec::with_capacity(replicas);
+    let mut clients = Vec::with_capacity(replicas);
+    let mut logs: Vec<Applied> = Vec::with_capacity(replicas);
+    for i in 0..replicas {
+        // One connection per replica: each stands for one process.
+        let client = Client::connect(endpoint.clone(), ClientOptions::new(format!("replica-{i}")));
+        client.wait_connected().await;
+        let remote = client.topic::<Value>("bench")?;
+        let log: Applied = Arc::new(Mutex::new(Vec::with_capacity(WRITES + 1)));
+        let record = log.clone();
+        let handle = SyncHandle::builder(
+            remote.topic().clone(),
+            remote.clone(),
+            remote,
+            applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+                if let Ok(mut log) = record.lock() {
+                    log.push((s.revision, Instant::now()));
+                }
+                Ok::<(), std::convert::Infallible>(())
+            }),
+        )
+        .retry(RetryPolicy::default().max_attempts(10))
+        .build();
+        handle.start().await?;
+        handles.push(handle);
+        clients.push(client);
+        logs.push(log);
+    }
+
+    let writer = Client::connect(endpoint.clone(), ClientOptions::new("writer"));
+    writer.wait_connected().await;
+    let (snapshots_before, bytes_before) = server.stats()?;
+    let payload = "x".repeat(200);
+    let mut writes = Vec::with_capacity(WRITES);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SEC));
+    for seq in 0..WRITES {
+        tick.tick().await;
+        let sent = Instant::now();
+        let revision = writer
+            .set("bench", &json!({"seq": seq, "payload": payload}), None)
+            .await?;
+        writes.push((revision, sent));
+    }
+    let last = writes.last().map(|w| w.0).ok_or("no writes")?;
+    for handle in &handles {
+        handle.wait_for_revision(last).await?;
+    }
+    let (snapshots_after, bytes_after) = server.stats()?;
+
+    let mut latencies: Vec<Duration> = writes
+        .iter()
+        .map(|(revision, sent)| {
+            logs.iter()
+                .map(|log| {
+                    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                    log.iter()
+                        .find(|(r, _)| r >= revision)
+                        .map_or(Duration::MAX, |(_, at)| at.saturating_duration_since(*sent))
+                })
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{}",
+        json!({
+            "transport": transport,
+            "replicas": replicas,
+            "writes": WRITES,
+            "rate_per_sec": RATE_PER_SEC,
+            "p50_ms": (ms(pct(0.5)) * 100.0).round() / 100.0,
+            "p99_ms": (ms(pct(0.99)) * 100.0).round() / 100.0,
+            "max_ms": (ms(pct(1.0)) * 100.0).round() / 100.0,
+            "fetches_per_write": ((snapshots_after - snapshots_before) as f64 / WRITES as f64 * 10.0).round() / 10.0,
+            "bytes_per_write": (bytes_after - bytes_before) / WRITES as u64,
+            "server_rss_mib": server.rss_kib() / 1024,
+        })
+    );
+    for handle in &handles {
+        handle.stop().await;
+    }
+    drop(clients);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Ok(dir) = std::env::var(SERVER_ENV) {
+        return runtime.block_on(server_child(dir));
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let configs: Vec<(usize, String)> = match args.as_slice() {
+        [n, transport] => vec![(n.parse()?, transport.clone())],
+        _ => [100, 1000]
+            .into_iter()
+            .flat_map(|n| [(n, "unix".to_owned()), (n, "websocket".to_owned())])
+            .collect(),
+    };
+    let dir = tempfile::tempdir()?;
+    runtime.block_on(async {
+        let mut server = ServerProcess::start(dir.path())?;
+        eprintln!("server RSS at start: {} MiB", server.rss_kib() / 1024);
+        for (replicas, transport) in configs {
+            run(&mut server, &transport, replicas).await?;
+        }
+        Ok(())
+    })
+}
