@@ -1,0 +1,7 @@
+//! Generates the plugin's command permissions.
+
+const COMMANDS: &[&str] = &["get_snapshot", "set"];
+
+fn main() {
+    tauri_plugin::Builder::new(COMMANDS).build();
+}

@@ -1,0 +1,381 @@
+//! Tauri v2 plugin: the app's Rust backend is the source of truth for
+//! windows running `@statesync/core` + `@statesync/tauri`, unchanged.
+//!
+//! - Topics (typed `serde` state or raw JSON) live in a
+//!   [`Hub`](state_sync_hub::Hub), persisted crash-safely under the app's
+//!   data directory by default.
+//! - Every committed change emits the invalidation event (default
+//!   `state-sync:invalidation`) with payload `{topic, revision, sourceId?}`
+//!   to every webview; `sourceId` is the label of the window that wrote.
+//! - Command `get_snapshot` with `{topic}` returns `{revision, data}`, the
+//!   shape `createTauriSnapshotProvider` expects; command `set` with
+//!   `{topic, data, expectedRevision?}` writes (compare-and-set with
+//!   `expectedRevision`) and returns `{revision}`, or rejects with
+//!   `{code: "conflict", currentRevision}`.
+//! - Permissions the Tauri way: reading is in `state-sync:default`, writing
+//!   is opt-in (`state-sync:allow-set`), and the plugin configuration can
+//!   limit each window to some topics.
+//! - [`StateSyncExt`] lets Rust code read and write topics, with the same
+//!   events.
+//!
+//! # Setup
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+//! struct Settings {
+//!     theme: String,
+//! }
+//!
+//! tauri::Builder::default()
+//!     .plugin(
+//!         tauri_plugin_state_sync::Builder::new()
+//!             .topic("settings", Settings::default)
+//!             .build(),
+//!     )
+//!     // For windows that invoke the un-prefixed `get_snapshot` (the
+//!     // JavaScript quickstart's default), register the same commands
+//!     // on the app too:
+//!     .invoke_handler(tauri_plugin_state_sync::app_commands!())
+//!     .run(tauri::generate_context!())
+//!     .expect("error while running tauri application");
+//! ```
+//!
+//! # Configuration (`tauri.conf.json`)
+//!
+//! ```json
+//! { "plugins": { "state-sync": { "windows": { "prefs": ["settings"], "*": ["cart", "ui:*"] } } } }
+//! ```
+//!
+//! Without `windows`, every window may use every topic. With it, a window
+//! uses the patterns under its label, or else under `"*"`, or none.
+
+pub mod commands;
+mod error;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
+use state_sync_hub::{Hub, HubTopic, JsonSnapshot, TopicValue};
+use state_sync_storage::FileStorage;
+use tauri::plugin::TauriPlugin;
+use tauri::{AppHandle, Emitter, Manager, RunEvent, Runtime};
+
+pub use error::{Error, Result};
+
+/// The invalidation event's default name, as in `@statesync/tauri`.
+pub const DEFAULT_EVENT_NAME: &str = "state-sync:invalidation";
+
+/// The plugin's `tauri.conf.json` section (optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Topic patterns per window label (`"*"` for the others).
+    #[serde(default)]
+    pub windows: HashMap<String, Vec<String>>,
+}
+
+impl Config {
+    fn allows(&self, window: &str, topic: &Topic) -> bool {
+        if self.windows.is_empty() {
+            return true;
+        }
+        let Some(patterns) = self.windows.get(window).or_else(|| self.windows.get("*")) else {
+            return false;
+        };
+        patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => topic.as_str().starts_with(prefix),
+            None => p == topic.as_str(),
+        })
+    }
+}
+
+/// The payload of the invalidation event: `{topic, revision, sourceId?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvalidationPayload {
+    /// The topic.
+    pub topic: Topic,
+    /// Its new revision, as a canonical decimal string.
+    pub revision: Revision,
+    /// The label of the window that wrote, when a window did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<String>,
+}
+
+type Registration = Box<
+    dyn FnOnce(Hub) -> Pin<Box<dyn Future<Output = Result<(), state_sync_hub::Error>> + Send>>
+        + Send,
+>;
+
+enum StorageChoice {
+    AppData,
+    Dir(PathBuf),
+    Memory,
+}
+
+/// Configures the plugin.
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct Builder {
+    topics: Vec<Registration>,
+    event_name: String,
+    storage: StorageChoice,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("topics", &self.topics.len())
+            .field("event_name", &self.event_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// No topics yet; file store under the app's data directory; the
+    /// default event name.
+    pub fn new() -> Self {
+        Builder {
+            topics: Vec::new(),
+            event_name: DEFAULT_EVENT_NAME.to_owned(),
+            storage: StorageChoice::AppData,
+        }
+    }
+
+    /// Registers a typed topic, starting at `default()` when nothing is
+    /// stored. Writes from windows must decode as `T`.
+    pub fn topic<T: TopicValue>(
+        mut self,
+        name: impl Into<String>,
+        default: impl FnOnce() -> T + Send + 'static,
+    ) -> Self {
+        let name = name.into();
+        self.topics.push(Box::new(move |hub: Hub| {
+            Box::pin(async move { hub.topic(name, default).await.map(drop) })
+        }));
+        self
+    }
+
+    /// Registers a raw JSON topic, starting at `default` when nothing is
+    /// stored.
+    pub fn json_topic(self, name: impl Into<String>, default: Value) -> Self {
+        self.topic(name, move || default)
+    }
+
+    /// The invalidation event's name (default `state-sync:invalidation`).
+    pub fn event_name(mut self, name: impl Into<String>) -> Self {
+        self.event_name = name.into();
+        self
+    }
+
+    /// Stores topics under `dir` instead of the app's data directory.
+    pub fn storage_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.storage = StorageChoice::Dir(dir.into());
+        self
+    }
+
+    /// Keeps topics in memory only (tests, throwaway state).
+    pub fn in_memory(mut self) -> Self {
+        self.storage = StorageChoice::Memory;
+        self
+    }
+
+    /// The plugin.
+    pub fn build<R: Runtime>(self) -> TauriPlugin<R, Option<Config>> {
+        let Builder {
+            topics,
+            event_name,
+            storage,
+        } = self;
+        tauri::plugin::Builder::<R, Option<Config>>::new("state-sync")
+            .invoke_handler(tauri::generate_handler![
+                commands::get_snapshot,
+                commands::set
+            ])
+            .setup(move |app, api| {
+                let hub = match storage {
+                    StorageChoice::Memory => Hub::in_memory(),
+                    StorageChoice::Dir(dir) => Hub::new(FileStorage::open(dir)?),
+                    StorageChoice::AppData => Hub::new(FileStorage::open(
+                        app.path().app_data_dir()?.join("state-sync"),
+                    )?),
+                };
+                tauri::async_runtime::block_on(async {
+                    for register in topics {
+                        register(hub.clone()).await?;
+                    }
+                    hub.open_stored_topics().await
+                })?;
+                let state = StateSync {
+                    app: app.clone(),
+                    hub,
+                    config: api.config().clone().unwrap_or_default(),
+                    event_name,
+                    emitters: Mutex::new(Emitters::default()),
+                };
+                for topic in state.hub.topics() {
+                    tauri::async_runtime::block_on(state.emit_changes(&topic))?;
+                }
+                app.manage(state);
+                Ok(())
+            })
+            .on_event(|app, event| {
+                if let RunEvent::Exit = event
+                    && let Some(state) = app.try_state::<StateSync<R>>()
+                {
+                    // Every acknowledged write is stored; wait for queued ones.
+                    tauri::async_runtime::block_on(state.hub.close());
+                }
+            })
+            .build()
+    }
+}
+
+/// Registers the plugin's commands as app commands too, so windows can
+/// invoke the un-prefixed `get_snapshot` and `set` (the names the
+/// JavaScript packages default to). Use as the app's `invoke_handler`.
+#[macro_export]
+macro_rules! app_commands {
+    () => {
+        ::tauri::generate_handler![$crate::commands::get_snapshot, $crate::commands::set]
+    };
+}
+
+#[derive(Default)]
+struct Emitters {
+    topics: HashSet<Topic>,
+    subscriptions: Vec<Subscription>,
+}
+
+/// The plugin's state: the hub and its event emitters. Reach it with
+/// [`StateSyncExt::state_sync`].
+pub struct StateSync<R: Runtime> {
+    app: AppHandle<R>,
+    hub: Hub,
+    config: Config,
+    event_name: String,
+    emitters: Mutex<Emitters>,
+}
+
+impl<R: Runtime> std::fmt::Debug for StateSync<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateSync")
+            .field("hub", &self.hub)
+            .field("event_name", &self.event_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> StateSync<R> {
+    /// The hub holding the topics.
+    #[must_use]
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Opens (or registers) a typed topic; its changes emit events like
+    /// every other topic's.
+    ///
+    /// # Errors
+    ///
+    /// As [`Hub::topic`].
+    pub async fn topic<T: TopicValue>(
+        &self,
+        name: impl AsRef<str>,
+        default: impl FnOnce() -> T,
+    ) -> Result<HubTopic<T>> {
+        let topic = self.hub.topic(name, default).await?;
+        self.emit_changes(topic.topic()).await?;
+        Ok(topic)
+    }
+
+    /// The current revision and JSON of a topic.
+    ///
+    /// # Errors
+    ///
+    /// Unknown topic.
+    pub fn get_json(&self, topic: &Topic) -> Result<JsonSnapshot> {
+        Ok(self.hub.get_json(topic)?)
+    }
+
+    /// Writes JSON to a topic (compare-and-set with `expected`); the
+    /// invalidation carries `source_id`.
+    ///
+    /// # Errors
+    ///
+    /// Unknown topic, conflict, data not fitting the topic, storage.
+    pub async fn set_json(
+        &self,
+        topic: &Topic,
+        data: &[u8],
+        expected: Option<Revision>,
+        source_id: Option<String>,
+    ) -> Result<Revision> {
+        Ok(self.hub.set_json(topic, data, expected, source_id).await?)
+    }
+
+    /// Whether the window `label` may use `topic`.
+    #[must_use]
+    pub fn window_may_access(&self, label: &str, topic: &Topic) -> bool {
+        self.config.allows(label, topic)
+    }
+
+    /// Emits the invalidation event for every change of `topic`, once.
+    async fn emit_changes(&self, topic: &Topic) -> Result<()> {
+        if !lock(&self.emitters).topics.insert(topic.clone()) {
+            return Ok(());
+        }
+        let app = self.app.clone();
+        let event_name = self.event_name.clone();
+        let sink = InvalidationSink::from_fn(topic.clone(), move |event| {
+            let payload = InvalidationPayload {
+                topic: event.topic.clone(),
+                revision: event.revision,
+                source_id: event.source_id.clone(),
+            };
+            if let Err(e) = app.emit(&event_name, payload) {
+                tracing::warn!(topic = %event.topic, error = %e, "cannot emit the invalidation event");
+            }
+        });
+        let subscription = self.hub.subscribe(topic, sink).await.map_err(|_| {
+            state_sync_hub::Error::UnknownTopic {
+                topic: topic.clone(),
+            }
+        })?;
+        lock(&self.emitters).subscriptions.push(subscription);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Access to the plugin from any [`Manager`] (app, app handle, window).
+pub trait StateSyncExt<R: Runtime> {
+    /// The plugin's state.
+    ///
+    /// # Panics
+    ///
+    /// If the plugin is not registered.
+    fn state_sync(&self) -> &StateSync<R>;
+}
+
+impl<R: Runtime, M: Manager<R>> StateSyncExt<R> for M {
+    fn state_sync(&self) -> &StateSync<R> {
+        self.state::<StateSync<R>>().inner()
+    }
+}

@@ -1,0 +1,299 @@
+//! The plugin through the real Tauri runtime's mock backend: the IPC path,
+//! emitted events, permissions, restarts.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tauri::test::{MockRuntime, mock_builder, mock_context, noop_assets};
+use tauri::webview::InvokeRequest;
+use tauri::{App, Listener, WebviewWindow, WebviewWindowBuilder};
+use tauri_plugin_state_sync::{Builder, StateSyncExt};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Settings {
+    theme: String,
+    volume: u8,
+}
+
+fn app(plugin: Builder) -> App<MockRuntime> {
+    mock_builder()
+        .plugin(plugin.build())
+        .invoke_handler(tauri_plugin_state_sync::app_commands!())
+        .build(mock_context(noop_assets()))
+        .unwrap()
+}
+
+fn window(app: &App<MockRuntime>, label: &str) -> WebviewWindow<MockRuntime> {
+    WebviewWindowBuilder::new(app, label, Default::default())
+        .build()
+        .unwrap()
+}
+
+fn invoke(window: &WebviewWindow<MockRuntime>, cmd: &str, args: Value) -> Result<Value, Value> {
+    tauri::test::get_ipc_response(
+        window,
+        InvokeRequest {
+            cmd: cmd.into(),
+            callback: tauri::ipc::CallbackFn(0),
+            error: tauri::ipc::CallbackFn(1),
+            url: "tauri://localhost".parse().unwrap(),
+            body: tauri::ipc::InvokeBody::Json(args),
+            headers: Default::default(),
+            invoke_key: tauri::test::INVOKE_KEY.to_string(),
+        },
+    )
+    .map(|body| body.deserialize::<Value>().unwrap())
+}
+
+fn events(app: &App<MockRuntime>) -> Arc<Mutex<Vec<Value>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    app.listen_any("state-sync:invalidation", move |event| {
+        log.lock()
+            .unwrap()
+            .push(serde_json::from_str(event.payload()).unwrap());
+    });
+    seen
+}
+
+fn settings_app() -> App<MockRuntime> {
+    app(Builder::new().in_memory().topic("settings", || Settings {
+        theme: "light".into(),
+        volume: 3,
+    }))
+}
+
+#[test]
+fn get_snapshot_returns_the_exact_shape_the_javascript_provider_expects() {
+    let app = settings_app();
+    let a = window(&app, "a");
+    let revision = app
+        .state_sync()
+        .hub()
+        .get_json(&"settings".parse().unwrap())
+        .unwrap()
+        .revision;
+    let got = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(
+        got,
+        json!({"revision": revision.to_string(), "data": {"theme": "light", "volume": 3}})
+    );
+    assert!(
+        got["revision"].is_string(),
+        "revision must be a canonical string"
+    );
+}
+
+#[test]
+fn a_write_from_window_a_emits_an_invalidation_with_its_label() {
+    let app = settings_app();
+    let seen = events(&app);
+    let a = window(&app, "a");
+    let written = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "dark", "volume": 7}}),
+    )
+    .unwrap();
+    let revision = written["revision"].as_str().unwrap().to_owned();
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [json!({"topic": "settings", "revision": revision, "sourceId": "a"})]
+    );
+    let b = window(&app, "b");
+    let got = invoke(&b, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(got["data"], json!({"theme": "dark", "volume": 7}));
+}
+
+#[test]
+fn rust_writes_through_the_extension_emit_the_same_events() {
+    let app = settings_app();
+    let seen = events(&app);
+    let settings =
+        tauri::async_runtime::block_on(app.state_sync().topic("settings", Settings::default))
+            .unwrap();
+    let revision = tauri::async_runtime::block_on(settings.update(|s| Settings {
+        volume: s.volume + 1,
+        ..s.clone()
+    }))
+    .unwrap();
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [json!({"topic": "settings", "revision": revision.to_string()})]
+    );
+}
+
+#[test]
+fn compare_and_set_conflicts_reject_with_the_current_revision() {
+    let app = settings_app();
+    let a = window(&app, "a");
+    let base =
+        invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap()["revision"].clone();
+    let won = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "x", "volume": 1}, "expectedRevision": base}),
+    )
+    .unwrap();
+    let lost = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "y", "volume": 2}, "expectedRevision": base}),
+    )
+    .unwrap_err();
+    assert_eq!(lost["code"], "conflict");
+    assert_eq!(lost["currentRevision"], won["revision"]);
+}
+
+#[test]
+fn bad_arguments_and_unknown_topics_are_errors_not_panics() {
+    let app = settings_app();
+    let a = window(&app, "a");
+    assert_eq!(
+        invoke(&a, "get_snapshot", json!({"topic": "nope"})).unwrap_err()["code"],
+        "unknown_topic"
+    );
+    assert_eq!(
+        invoke(&a, "get_snapshot", json!({"topic": "  "})).unwrap_err()["code"],
+        "invalid_topic"
+    );
+    assert!(
+        invoke(&a, "get_snapshot", json!({})).is_err(),
+        "missing topic"
+    );
+    assert!(
+        invoke(&a, "get_snapshot", json!({"topic": 5})).is_err(),
+        "ill-typed topic"
+    );
+    let wrong_shape = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": 1}}),
+    )
+    .unwrap_err();
+    assert_eq!(wrong_shape["code"], "invalid_data");
+    let bad_revision = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "z", "volume": 0}, "expectedRevision": "01"}),
+    )
+    .unwrap_err();
+    assert_eq!(bad_revision["code"], "invalid_revision");
+    // Still serving, nothing written.
+    let got = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(got["data"]["theme"], "light");
+}
+
+#[test]
+fn windows_are_limited_to_their_configured_topics() {
+    let mut context = mock_context(noop_assets());
+    context.config_mut().plugins.0.insert(
+        "state-sync".into(),
+        json!({"windows": {"prefs": ["settings"], "*": ["public:*"]}}),
+    );
+    let app = mock_builder()
+        .plugin(
+            Builder::new()
+                .in_memory()
+                .topic("settings", Settings::default)
+                .json_topic("public:news", json!([]))
+                .build(),
+        )
+        .invoke_handler(tauri_plugin_state_sync::app_commands!())
+        .build(context)
+        .unwrap();
+    let prefs = window(&app, "prefs");
+    let other = window(&app, "other");
+    assert!(invoke(&prefs, "get_snapshot", json!({"topic": "settings"})).is_ok());
+    assert_eq!(
+        invoke(&prefs, "get_snapshot", json!({"topic": "public:news"})).unwrap_err()["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        invoke(&other, "get_snapshot", json!({"topic": "settings"})).unwrap_err()["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        invoke(
+            &other,
+            "set",
+            json!({"topic": "settings", "data": {"theme": "hack", "volume": 0}})
+        )
+        .unwrap_err()["code"],
+        "forbidden"
+    );
+    assert!(invoke(&other, "get_snapshot", json!({"topic": "public:news"})).is_ok());
+}
+
+#[test]
+fn revisions_continue_after_the_app_restarts_on_the_same_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let app = app(Builder::new()
+            .storage_dir(dir.path())
+            .topic("settings", Settings::default));
+        let a = window(&app, "a");
+        let written = invoke(
+            &a,
+            "set",
+            json!({"topic": "settings", "data": {"theme": "dark", "volume": 9}}),
+        )
+        .unwrap();
+        app.cleanup_before_exit();
+        written["revision"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let app = app(Builder::new()
+        .storage_dir(dir.path())
+        .topic("settings", Settings::default));
+    let a = window(&app, "a");
+    let got = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(got["revision"], first.to_string());
+    assert_eq!(got["data"]["theme"], "dark");
+    let next = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "light", "volume": 1}}),
+    )
+    .unwrap();
+    assert_eq!(next["revision"], (first + 1).to_string());
+}
+
+#[test]
+fn plugin_commands_follow_the_capabilities_reading_by_default_writing_opt_in() {
+    let mut context = mock_context(noop_assets());
+    // What a capability with `state-sync:default` grants: reading only.
+    context.runtime_authority_mut().__allow_command(
+        "plugin:state-sync|get_snapshot".into(),
+        tauri::utils::acl::ExecutionContext::Local,
+    );
+    let app = mock_builder()
+        .plugin(
+            Builder::new()
+                .in_memory()
+                .topic("settings", Settings::default)
+                .build(),
+        )
+        .build(context)
+        .unwrap();
+    let a = window(&app, "a");
+    let got = invoke(
+        &a,
+        "plugin:state-sync|get_snapshot",
+        json!({"topic": "settings"}),
+    )
+    .unwrap();
+    assert_eq!(got["data"], json!({"theme": "", "volume": 0}));
+    let denied = invoke(
+        &a,
+        "plugin:state-sync|set",
+        json!({"topic": "settings", "data": {"theme": "x", "volume": 1}}),
+    )
+    .unwrap_err();
+    assert!(denied.as_str().unwrap().contains("not allowed"), "{denied}");
+}
