@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit, integration, property and doc tests.
-# Installs what the tests need first (nothing beyond the Rust toolchain yet;
-# cargo-nextest is used when present, plain `cargo test` otherwise).
+# Runs the whole test suite: unit, integration, property, multi-process
+# and doc tests. Installs what the tests need first (the system libraries of
+# Tauri's Linux backend); cargo-nextest is used when present, plain
+# `cargo test` otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-features --no-fail-fast

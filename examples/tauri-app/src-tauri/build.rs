@@ -1,0 +1,5 @@
+//! Generates the app's context (config, capabilities, assets).
+
+fn main() {
+    tauri_build::build();
+}
