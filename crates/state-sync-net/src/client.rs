@@ -28,8 +28,10 @@ use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage}
 /// Where a hub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// A Unix socket path.
+    /// A Unix socket path (Unix only).
     Unix(PathBuf),
+    /// A Windows named pipe, e.g. `\\.\pipe\state-sync` (Windows only).
+    NamedPipe(String),
     /// A WebSocket URL, e.g. `ws://127.0.0.1:7700`.
     WebSocket(String),
 }
@@ -38,6 +40,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::NamedPipe(name) => write!(f, "pipe:{name}"),
             Endpoint::WebSocket(url) => f.write_str(url),
         }
     }
@@ -556,18 +559,48 @@ enum Failure {
     Refused(String),
 }
 
-/// Connects and says hello.
-async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
+/// Connects to a local endpoint: a Unix socket, or a Windows named pipe.
+async fn local_stream(
+    endpoint: &Endpoint,
+    max: usize,
+) -> Result<(FrameStream, FrameSink), Failure> {
     let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
-    let max = shared.options.max_frame_bytes;
-    let (mut frames, mut sink) = match &shared.endpoint {
+    match endpoint {
+        #[cfg(unix)]
         Endpoint::Unix(path) => {
             let stream = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(|e| retry(&e))?;
             let (read, write) = stream.into_split();
-            frames::length_delimited(read, write, max)
+            Ok(frames::length_delimited(read, write, max))
         }
+        #[cfg(windows)]
+        Endpoint::NamedPipe(name) => {
+            const ERROR_PIPE_BUSY: i32 = 231;
+            let pipe = loop {
+                match tokio::net::windows::named_pipe::ClientOptions::new().open(name) {
+                    Ok(pipe) => break pipe,
+                    Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(retry(&e)),
+                }
+            };
+            let (read, write) = tokio::io::split(pipe);
+            Ok(frames::length_delimited(read, write, max))
+        }
+        other => Err(Failure::Refused(format!(
+            "{other} is not supported on this platform"
+        ))),
+    }
+}
+
+/// Connects and says hello.
+async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
+    let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
+    let max = shared.options.max_frame_bytes;
+    let (mut frames, mut sink) = match &shared.endpoint {
+        Endpoint::Unix(_) | Endpoint::NamedPipe(_) => local_stream(&shared.endpoint, max).await?,
         Endpoint::WebSocket(url) => {
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                 .max_message_size(Some(max))

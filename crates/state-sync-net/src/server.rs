@@ -13,7 +13,9 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use state_sync::{InvalidationEvent, InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_hub::{Error as HubError, Hub};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
+#[cfg(unix)]
+use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
@@ -180,12 +182,13 @@ impl Server {
     }
 
     /// Listens on a Unix socket at `path` (mode `0600`: only this user can
-    /// connect). A stale socket file from a crashed server is replaced; a
+    /// connect). Unix only; Windows has `listen_named_pipe`. A stale socket file from a crashed server is replaced; a
     /// live one is an error. Returns the path.
     ///
     /// # Errors
     ///
     /// Binding fails, or another server is listening at `path`.
+    #[cfg(unix)]
     pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {
         let path = path.as_ref().to_owned();
         if path.exists() {
@@ -225,6 +228,53 @@ impl Server {
             }
         });
         Ok(path)
+    }
+
+    /// Listens on a Windows named pipe, e.g. `\\.\pipe\state-sync`
+    /// (local clients only). Windows only. Returns the name.
+    ///
+    /// # Errors
+    ///
+    /// Creating the pipe fails (e.g. another server owns the name).
+    #[cfg(windows)]
+    pub async fn listen_named_pipe(&self, name: impl Into<String>) -> io::Result<String> {
+        use tokio::net::windows::named_pipe::ServerOptions;
+        let name = name.into();
+        let mut pipe = ServerOptions::new()
+            .first_pipe_instance(true)
+            .reject_remote_clients(true)
+            .create(&name)?;
+        tracing::info!(%name, "listening on named pipe");
+        let shared = self.shared.clone();
+        let pipe_name = name.clone();
+        self.shared.tasks.spawn(async move {
+            loop {
+                let connected = tokio::select! {
+                    () = shared.shutdown.cancelled() => break,
+                    connected = pipe.connect() => connected,
+                };
+                if let Err(e) = connected {
+                    tracing::warn!(error = %e, "named pipe connect failed");
+                    continue;
+                }
+                // A new instance waits for the next client.
+                let next = match ServerOptions::new().create(&pipe_name) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot create the next pipe instance");
+                        break;
+                    }
+                };
+                let stream = std::mem::replace(&mut pipe, next);
+                let (read, write) = tokio::io::split(stream);
+                let (frames, sink) =
+                    frames::length_delimited(read, write, shared.config.max_frame_bytes);
+                shared
+                    .tasks
+                    .spawn(serve(shared.clone(), frames, sink, "pipe".into()));
+            }
+        });
+        Ok(name)
     }
 
     /// Listens for WebSocket connections on `addr` (text frames, one JSON
