@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -108,7 +108,8 @@ pub struct Hub {
 struct Inner {
     storage: AnyStorage,
     options: Options,
-    topics: Mutex<HashMap<Topic, Slot>>,
+    /// Read by every get and subscribe, written when a topic is opened.
+    topics: RwLock<HashMap<Topic, Slot>>,
     closed: Arc<AtomicBool>,
 }
 
@@ -146,7 +147,7 @@ impl HubBuilder {
             inner: Arc::new(Inner {
                 storage: self.storage,
                 options: self.options,
-                topics: Mutex::new(HashMap::new()),
+                topics: RwLock::new(HashMap::new()),
                 closed: Arc::new(AtomicBool::new(false)),
             }),
         }
@@ -328,13 +329,22 @@ impl Hub {
     }
 
     fn slot(&self, topic: &Topic) -> Slot {
-        self.topics_lock().entry(topic.clone()).or_default().clone()
-    }
-
-    fn topics_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Slot>> {
+        if let Some(slot) = self.topics_lock().get(topic) {
+            return slot.clone();
+        }
         self.inner
             .topics
-            .lock()
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(topic.clone())
+            .or_default()
+            .clone()
+    }
+
+    fn topics_lock(&self) -> RwLockReadGuard<'_, HashMap<Topic, Slot>> {
+        self.inner
+            .topics
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -2,7 +2,7 @@
 //! windows running `@statesync/core` + `@statesync/tauri`, unchanged.
 //!
 //! - Topics (typed `serde` state or raw JSON) live in a
-//!   [`Hub`](state_sync_hub::Hub), persisted crash-safely under the app's
+//!   [`Hub`], persisted crash-safely under the app's
 //!   data directory by default.
 //! - Every committed change emits the invalidation event (default
 //!   `state-sync:invalidation`) with payload `{topic, revision, sourceId?}`
