@@ -96,6 +96,11 @@ pub struct CacheStats {
 /// Configures a [`SnapshotCache`]; from [`SnapshotCache::builder`].
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct CacheBuilder<T> {
+    settings: Settings<T>,
+}
+
+/// What a cache is configured with; shared by the builder and the cache.
+struct Settings<T> {
     topic: Topic,
     storage: AnyStorage,
     schema: u32,
@@ -122,7 +127,7 @@ where
     /// The schema version this build writes (default 1). Older records are
     /// migrated step by step; newer ones are refused.
     pub fn schema_version(mut self, version: u32) -> Self {
-        self.schema = version;
+        self.settings.schema = version;
         self
     }
 
@@ -133,7 +138,8 @@ where
         from: u32,
         step: impl Fn(Value) -> Result<Value, E> + Send + Sync + 'static,
     ) -> Self {
-        self.migrations
+        self.settings
+            .migrations
             .insert(from, Box::new(move |v| step(v).map_err(Into::into)));
         self
     }
@@ -143,52 +149,52 @@ where
         mut self,
         check: impl Fn(&T) -> Result<(), E> + Send + Sync + 'static,
     ) -> Self {
-        self.validator = Some(Box::new(move |v| check(v).map_err(Into::into)));
+        self.settings.validator = Some(Box::new(move |v| check(v).map_err(Into::into)));
         self
     }
 
     /// Cached snapshots older than `ttl` (by the time they were saved) are
     /// removed instead of loaded.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+        self.settings.ttl = Some(ttl);
         self
     }
 
     /// How payloads are compressed (default: not).
     pub fn compression(mut self, compression: Compression) -> Self {
-        self.compression = compression;
+        self.settings.compression = compression;
         self
     }
 
     /// Saves once no new snapshot arrived for `delay`.
     pub fn debounce(mut self, delay: Duration) -> Self {
-        self.timing.debounce = Some(delay);
+        self.settings.timing.debounce = Some(delay);
         self
     }
 
     /// At most one save per `interval`.
     pub fn throttle(mut self, interval: Duration) -> Self {
-        self.timing.throttle = Some(interval);
+        self.settings.timing.throttle = Some(interval);
         self
     }
 
     /// A staged snapshot is saved at most `max_wait` after it was staged,
     /// however often debounce postpones it.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.timing.max_wait = Some(max_wait);
+        self.settings.timing.max_wait = Some(max_wait);
         self
     }
 
     /// Called for every [`CacheEvent`]. A panic inside it is caught.
     pub fn on_event(mut self, callback: impl Fn(&CacheEvent) + Send + Sync + 'static) -> Self {
-        self.on_event = Some(Box::new(callback));
+        self.settings.on_event = Some(Box::new(callback));
         self
     }
 
     /// The wall clock used for save times and TTL (default:
     /// [`SystemTime::now`]); replaceable for tests.
     pub fn clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
-        self.clock = Box::new(clock);
+        self.settings.clock = Box::new(clock);
         self
     }
 
@@ -200,16 +206,7 @@ where
     pub fn build(self) -> SnapshotCache<T> {
         let (commands, queue) = mpsc::channel(8);
         let inner = Arc::new(Inner {
-            topic: self.topic,
-            storage: self.storage,
-            schema: self.schema,
-            migrations: self.migrations,
-            validator: self.validator,
-            ttl: self.ttl,
-            compression: self.compression,
-            timing: self.timing,
-            on_event: self.on_event,
-            clock: self.clock,
+            settings: self.settings,
             stats: Mutex::new(CacheStats::default()),
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
@@ -223,8 +220,8 @@ where
 impl<T> fmt::Debug for CacheBuilder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheBuilder")
-            .field("topic", &self.topic)
-            .field("schema", &self.schema)
+            .field("topic", &self.settings.topic)
+            .field("schema", &self.settings.schema)
             .finish_non_exhaustive()
     }
 }
@@ -285,16 +282,7 @@ impl<T> Clone for SnapshotCache<T> {
 }
 
 struct Inner<T> {
-    topic: Topic,
-    storage: AnyStorage,
-    schema: u32,
-    migrations: BTreeMap<u32, Migration>,
-    validator: Option<Validator<T>>,
-    ttl: Option<Duration>,
-    compression: Compression,
-    timing: SaveTiming,
-    on_event: Option<EventFn>,
-    clock: Clock,
+    settings: Settings<T>,
     stats: Mutex<CacheStats>,
     pending: Mutex<Pending<T>>,
     wake: Notify,
@@ -338,16 +326,18 @@ where
     /// [`FileStorage`](state_sync_storage::FileStorage) for real apps).
     pub fn builder(topic: Topic, storage: impl Storage) -> CacheBuilder<T> {
         CacheBuilder {
-            topic,
-            storage: AnyStorage::new(storage),
-            schema: 1,
-            migrations: BTreeMap::new(),
-            validator: None,
-            ttl: None,
-            compression: Compression::None,
-            timing: SaveTiming::default(),
-            on_event: None,
-            clock: Box::new(SystemTime::now),
+            settings: Settings {
+                topic,
+                storage: AnyStorage::new(storage),
+                schema: 1,
+                migrations: BTreeMap::new(),
+                validator: None,
+                ttl: None,
+                compression: Compression::None,
+                timing: SaveTiming::default(),
+                on_event: None,
+                clock: Box::new(SystemTime::now),
+            },
         }
     }
 
@@ -364,14 +354,16 @@ where
     /// [`Storage`](CacheError::Storage). The record is left untouched.
     pub async fn load(&self) -> Result<Option<SnapshotEnvelope<T>>, CacheError> {
         let inner = &self.inner;
-        let Some(record) = inner.storage.load(&inner.topic).await? else {
+        let Some(record) = inner.settings.storage.load(&inner.settings.topic).await? else {
             inner.emit(&CacheEvent::LoadCompleted { revision: None });
             return Ok(None);
         };
         let (header, json) = format::decode(&record.data)?;
-        if let Some(ttl) = inner.ttl {
+        if let Some(ttl) = inner.settings.ttl {
             let saved = UNIX_EPOCH + Duration::from_millis(header.saved_at_ms);
-            let age = (inner.clock)().duration_since(saved).unwrap_or_default();
+            let age = (inner.settings.clock)()
+                .duration_since(saved)
+                .unwrap_or_default();
             if age > ttl {
                 inner.emit(&CacheEvent::Expired {
                     revision: record.revision,
@@ -384,7 +376,7 @@ where
         }
         let value = inner.migrate(header.schema, &json)?;
         let value: T = serde_json::from_value(value).map_err(CacheError::Invalid)?;
-        if let Some(validate) = &inner.validator {
+        if let Some(validate) = &inner.settings.validator {
             validate(&value).map_err(CacheError::Validation)?;
         }
         lock(&inner.stats).loads += 1;
@@ -472,7 +464,11 @@ where
     /// [`CacheError::Storage`].
     pub async fn clear(&self) -> Result<(), CacheError> {
         lock(&self.inner.pending).snapshot = None;
-        self.inner.storage.remove(&self.inner.topic).await?;
+        self.inner
+            .settings
+            .storage
+            .remove(&self.inner.settings.topic)
+            .await?;
         self.inner.emit(&CacheEvent::Cleared);
         Ok(())
     }
@@ -499,8 +495,8 @@ where
 impl<T> fmt::Debug for SnapshotCache<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SnapshotCache")
-            .field("topic", &self.inner.topic)
-            .field("schema", &self.inner.schema)
+            .field("topic", &self.inner.settings.topic)
+            .field("schema", &self.inner.settings.schema)
             .field("stats", &*lock(&self.inner.stats))
             .finish_non_exhaustive()
     }
@@ -511,33 +507,34 @@ where
     T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
 {
     fn emit(&self, event: &CacheEvent) {
-        tracing::trace!(topic = %self.topic, ?event, "cache event");
-        if let Some(callback) = &self.on_event
+        tracing::trace!(topic = %self.settings.topic, ?event, "cache event");
+        if let Some(callback) = &self.settings.on_event
             && std::panic::catch_unwind(AssertUnwindSafe(|| callback(event))).is_err()
         {
-            tracing::error!(topic = %self.topic, ?event, "cache event callback panicked");
+            tracing::error!(topic = %self.settings.topic, ?event, "cache event callback panicked");
         }
     }
 
     fn migrate(&self, stored: u32, json: &[u8]) -> Result<Value, CacheError> {
-        if stored > self.schema {
+        if stored > self.settings.schema {
             return Err(CacheError::FutureVersion {
                 stored,
-                current: self.schema,
+                current: self.settings.schema,
             });
         }
         let mut value: Value = serde_json::from_slice(json).map_err(CacheError::Invalid)?;
-        for from in stored..self.schema {
+        for from in stored..self.settings.schema {
             let step = self
+                .settings
                 .migrations
                 .get(&from)
                 .ok_or(CacheError::MissingMigration { from })?;
             value = step(value).map_err(|source| CacheError::MigrationFailed { from, source })?;
         }
-        if stored < self.schema {
+        if stored < self.settings.schema {
             self.emit(&CacheEvent::Migrated {
                 from: stored,
-                to: self.schema,
+                to: self.settings.schema,
             });
         }
         Ok(value)
@@ -548,11 +545,12 @@ where
         let pending = lock(&self.pending);
         pending.snapshot.as_ref()?;
         let last = pending.last_staged?;
-        let mut due = last + self.timing.debounce.unwrap_or_default();
-        if let (Some(interval), Some(saved)) = (self.timing.throttle, pending.last_save) {
+        let mut due = last + self.settings.timing.debounce.unwrap_or_default();
+        if let (Some(interval), Some(saved)) = (self.settings.timing.throttle, pending.last_save) {
             due = due.max(saved + interval);
         }
-        if let (Some(max_wait), Some(first)) = (self.timing.max_wait, pending.first_staged) {
+        if let (Some(max_wait), Some(first)) = (self.settings.timing.max_wait, pending.first_staged)
+        {
             due = due.min(first + max_wait);
         }
         Some(due)
@@ -589,7 +587,7 @@ where
             }
             Err(error) => {
                 lock(&self.stats).save_failures += 1;
-                tracing::warn!(topic = %self.topic, %revision, %error, "cache save failed");
+                tracing::warn!(topic = %self.settings.topic, %revision, %error, "cache save failed");
                 self.emit(&CacheEvent::SaveFailed {
                     revision,
                     error: error.to_string(),
@@ -606,12 +604,18 @@ where
 
     async fn write(&self, snapshot: &SnapshotEnvelope<T>) -> Result<format::Encoded, CacheError> {
         let json = serde_json::to_vec(&snapshot.data).map_err(CacheError::Encode)?;
-        let saved_at_ms = (self.clock)()
+        let saved_at_ms = (self.settings.clock)()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let (bytes, encoded) = format::encode(&json, self.schema, saved_at_ms, self.compression)?;
-        self.storage
-            .store(&self.topic, &Record::new(snapshot.revision, bytes))
+        let (bytes, encoded) = format::encode(
+            &json,
+            self.settings.schema,
+            saved_at_ms,
+            self.settings.compression,
+        )?;
+        self.settings
+            .storage
+            .store(&self.settings.topic, &Record::new(snapshot.revision, bytes))
             .await?;
         Ok(encoded)
     }

@@ -194,6 +194,45 @@ struct SnapshotFields {
     data: Box<RawValue>,
 }
 
+/// Decodes `frame` as `M`, except that a frame of type `raw_kind` (whose
+/// raw `data` serde cannot carry through an internally tagged enum) is
+/// decoded as the plain struct `F` and converted.
+fn decode_with_raw<M, F>(frame: &[u8], raw_kind: &str) -> Result<M, serde_json::Error>
+where
+    M: serde::de::DeserializeOwned + From<F>,
+    F: serde::de::DeserializeOwned,
+{
+    let envelope: Envelope = serde_json::from_slice(frame)?;
+    if envelope.kind == raw_kind {
+        serde_json::from_slice::<F>(frame).map(M::from)
+    } else {
+        serde_json::from_slice(frame)
+    }
+}
+
+impl From<SetFields> for ClientMessage {
+    fn from(f: SetFields) -> Self {
+        ClientMessage::Set {
+            id: f.id,
+            topic: f.topic,
+            data: f.data,
+            expected_revision: f.expected_revision,
+            source_id: f.source_id,
+        }
+    }
+}
+
+impl From<SnapshotFields> for ServerMessage {
+    fn from(f: SnapshotFields) -> Self {
+        ServerMessage::Snapshot {
+            id: f.id,
+            topic: f.topic,
+            revision: f.revision,
+            data: f.data,
+        }
+    }
+}
+
 impl ClientMessage {
     /// Decodes one frame.
     ///
@@ -201,18 +240,7 @@ impl ClientMessage {
     ///
     /// Not JSON, an unknown `type`, or missing and ill-typed fields.
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
-        let envelope: Envelope = serde_json::from_slice(frame)?;
-        if envelope.kind != "set" {
-            return serde_json::from_slice(frame);
-        }
-        let f: SetFields = serde_json::from_slice(frame)?;
-        Ok(ClientMessage::Set {
-            id: f.id,
-            topic: f.topic,
-            data: f.data,
-            expected_revision: f.expected_revision,
-            source_id: f.source_id,
-        })
+        decode_with_raw::<Self, SetFields>(frame, "set")
     }
 }
 
@@ -224,17 +252,7 @@ impl ServerMessage {
     /// Not JSON, an unknown `type`, or missing and ill-typed fields
     /// (including non-canonical revisions).
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
-        let envelope: Envelope = serde_json::from_slice(frame)?;
-        if envelope.kind != "snapshot" {
-            return serde_json::from_slice(frame);
-        }
-        let f: SnapshotFields = serde_json::from_slice(frame)?;
-        Ok(ServerMessage::Snapshot {
-            id: f.id,
-            topic: f.topic,
-            revision: f.revision,
-            data: f.data,
-        })
+        decode_with_raw::<Self, SnapshotFields>(frame, "snapshot")
     }
 }
 

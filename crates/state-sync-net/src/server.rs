@@ -825,12 +825,6 @@ fn forbidden(id: u64, what: &str, topic: &Topic) -> Bytes {
 }
 
 fn hub_error(id: u64, error: &HubError) -> Bytes {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let message = state_sync::ErrorChain(error).to_string();
     protocol::error(Some(id), ErrorCode::from_hub(error), message)
 }

@@ -201,3 +201,33 @@ mod tests {
         );
     }
 }
+
+/// Displays an error with its chain of causes, `outer: inner: root`, for
+/// messages that leave the process (wire errors, command-line output).
+///
+/// # Examples
+///
+/// ```
+/// use state_sync::ErrorChain;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("saving failed")]
+/// struct Saving(#[source] std::io::Error);
+///
+/// let error = Saving(std::io::Error::other("disk full"));
+/// assert_eq!(ErrorChain(&error).to_string(), "saving failed: disk full");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

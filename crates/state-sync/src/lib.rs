@@ -71,7 +71,7 @@ mod topic;
 pub use applier::Applier;
 pub use backoff::{Backoff, RetryPolicy};
 pub use engine::{Builder, Status, SyncHandle, Throttle};
-pub use error::{BoxError, Error, ErrorContext, Phase, Result, Stopped};
+pub use error::{BoxError, Error, ErrorChain, ErrorContext, Phase, Result, Stopped};
 pub use memory::{MemorySource, RevisionNotNewer, UnknownTopic};
 pub use protocol::{InvalidationEvent, ProtocolError, ProtocolErrorKind, SnapshotEnvelope};
 pub use provider::{FetchError, FetchRequest, Fetched, Provider};

@@ -97,7 +97,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         Err(e) => {
             return fail(
                 exit::FAILURE,
-                format!("cannot open the store: {}", chain(&e)),
+                format!("cannot open the store: {}", state_sync::ErrorChain(&e)),
             );
         }
     };
@@ -353,15 +353,4 @@ pub(crate) async fn watch(args: WatchArgs) -> u8 {
         handle.stop().await;
     }
     exit::OK
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -41,7 +41,7 @@ pub async fn get_snapshot<R: Runtime>(
     topic: String,
 ) -> Result<SnapshotResponse> {
     let topic = allowed(&state, &window, &topic)?;
-    let snapshot = state.get_json(&topic)?;
+    let snapshot = state.hub().get_json(&topic)?;
     let json = String::from_utf8_lossy(&snapshot.data).into_owned();
     let data = RawValue::from_string(json).map_err(|e| {
         Error::Hub(state_sync_hub::Error::Encode {
@@ -76,6 +76,7 @@ pub async fn set<R: Runtime>(
         })
     })?;
     let revision = state
+        .hub()
         .set_json(&topic, &bytes, expected, Some(window.label().to_owned()))
         .await?;
     Ok(SetResponse { revision })

@@ -62,14 +62,7 @@ impl Serialize for Error {
         let current = self.current_revision();
         let mut map = serializer.serialize_map(Some(2 + usize::from(current.is_some())))?;
         map.serialize_entry("code", self.code())?;
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        map.serialize_entry("message", &message)?;
+        map.serialize_entry("message", &state_sync::ErrorChain(self).to_string())?;
         if let Some(current) = current {
             map.serialize_entry("currentRevision", &current)?;
         }

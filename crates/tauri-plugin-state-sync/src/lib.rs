@@ -28,18 +28,21 @@
 //!     theme: String,
 //! }
 //!
-//! tauri::Builder::default()
-//!     .plugin(
-//!         tauri_plugin_state_sync::Builder::new()
-//!             .topic("settings", Settings::default)
-//!             .build(),
-//!     )
-//!     // For windows that invoke the un-prefixed `get_snapshot` (the
-//!     // JavaScript quickstart's default), register the same commands
-//!     // on the app too:
-//!     .invoke_handler(tauri_plugin_state_sync::app_commands!())
-//!     .run(tauri::generate_context!())
-//!     .expect("error while running tauri application");
+//! // In an app: `run(tauri::generate_context!())`.
+//! fn run(context: tauri::Context<tauri::Wry>) {
+//!     tauri::Builder::default()
+//!         .plugin(
+//!             tauri_plugin_state_sync::Builder::new()
+//!                 .topic("settings", Settings::default)
+//!                 .build(),
+//!         )
+//!         // For windows that invoke the un-prefixed `get_snapshot` (the
+//!         // JavaScript quickstart's default), register the same commands
+//!         // on the app too:
+//!         .invoke_handler(tauri_plugin_state_sync::app_commands!())
+//!         .run(context)
+//!         .expect("error while running tauri application");
+//! }
 //! ```
 //!
 //! # Configuration (`tauri.conf.json`)
@@ -63,7 +66,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
-use state_sync_hub::{Hub, HubTopic, JsonSnapshot, TopicValue};
+use state_sync_hub::{Hub, HubTopic, TopicValue};
 use state_sync_storage::FileStorage;
 use tauri::plugin::TauriPlugin;
 use tauri::{AppHandle, Emitter, Manager, RunEvent, Runtime};
@@ -300,31 +303,6 @@ impl<R: Runtime> StateSync<R> {
         let topic = self.hub.topic(name, default).await?;
         self.emit_changes(topic.topic()).await?;
         Ok(topic)
-    }
-
-    /// The current revision and JSON of a topic.
-    ///
-    /// # Errors
-    ///
-    /// Unknown topic.
-    pub fn get_json(&self, topic: &Topic) -> Result<JsonSnapshot> {
-        Ok(self.hub.get_json(topic)?)
-    }
-
-    /// Writes JSON to a topic (compare-and-set with `expected`); the
-    /// invalidation carries `source_id`.
-    ///
-    /// # Errors
-    ///
-    /// Unknown topic, conflict, data not fitting the topic, storage.
-    pub async fn set_json(
-        &self,
-        topic: &Topic,
-        data: &[u8],
-        expected: Option<Revision>,
-        source_id: Option<String>,
-    ) -> Result<Revision> {
-        Ok(self.hub.set_json(topic, data, expected, source_id).await?)
     }
 
     /// Whether the window `label` may use `topic`.
