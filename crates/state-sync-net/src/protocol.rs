@@ -202,8 +202,15 @@ where
     M: serde::de::DeserializeOwned + From<F>,
     F: serde::de::DeserializeOwned,
 {
-    let envelope: Envelope = serde_json::from_slice(frame)?;
-    if envelope.kind == raw_kind {
+    // Frames written with `type` first (as this crate writes them) are
+    // classified without a second parse.
+    let is_raw = match frame.strip_prefix(br#"{"type":""#) {
+        Some(rest) => rest
+            .strip_prefix(raw_kind.as_bytes())
+            .is_some_and(|after| after.first() == Some(&b'"')),
+        None => serde_json::from_slice::<Envelope>(frame)?.kind == raw_kind,
+    };
+    if is_raw {
         serde_json::from_slice::<F>(frame).map(M::from)
     } else {
         serde_json::from_slice(frame)

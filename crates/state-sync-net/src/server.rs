@@ -627,22 +627,10 @@ impl Session {
     }
 
     async fn handle(&mut self, frame: &[u8]) -> Answer {
-        let envelope: Envelope = serde_json::from_slice(frame).map_err(|e| {
-            protocol::error(None, ErrorCode::BadRequest, format!("not a message: {e}"))
-        })?;
-        let id = envelope.id;
-        if !CLIENT_MESSAGE_TYPES.contains(&envelope.kind.as_str()) {
-            return Err(protocol::error(
-                id,
-                ErrorCode::UnknownMessage,
-                format!("unknown message type `{}`", envelope.kind),
-            ));
-        }
-        let message = ClientMessage::decode(frame)
-            .map_err(|e| protocol::error(id, ErrorCode::BadRequest, e.to_string()))?;
+        let message = ClientMessage::decode(frame).map_err(|e| classify_bad_frame(frame, &e))?;
         match message {
             ClientMessage::Hello { .. } => Err(protocol::error(
-                id,
+                None,
                 ErrorCode::BadRequest,
                 "already said hello",
             )),
@@ -799,6 +787,20 @@ impl Session {
             }
             Err(e) => Err(hub_error(id, &e)),
         }
+    }
+}
+
+/// The error for a frame that does not decode: not a message at all, an
+/// unknown type, or a known type with bad fields.
+fn classify_bad_frame(frame: &[u8], error: &serde_json::Error) -> Bytes {
+    match serde_json::from_slice::<Envelope>(frame) {
+        Err(e) => protocol::error(None, ErrorCode::BadRequest, format!("not a message: {e}")),
+        Ok(envelope) if !CLIENT_MESSAGE_TYPES.contains(&envelope.kind.as_str()) => protocol::error(
+            envelope.id,
+            ErrorCode::UnknownMessage,
+            format!("unknown message type `{}`", envelope.kind),
+        ),
+        Ok(envelope) => protocol::error(envelope.id, ErrorCode::BadRequest, error.to_string()),
     }
 }
 
