@@ -30,6 +30,10 @@ pub(crate) struct DemoArgs {
     /// Increments each of the two writers makes.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=100_000))]
     writes: u64,
+    /// Pause of each writer between two writes, in milliseconds (to watch
+    /// it happen).
+    #[arg(long, default_value_t = 15)]
+    pace_ms: u64,
 }
 
 /// What each replica last applied, per topic: (revision, data).
@@ -60,9 +64,16 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("hub listening on {}", socket.display());
 
     let seen: Seen = Arc::new(Mutex::new(vec![BTreeMap::new(); args.replicas as usize]));
+    let fetched = Arc::new(AtomicU64::new(0));
     let mut replicas = Vec::new();
     for i in 0..args.replicas as usize {
-        replicas.push(start_replica(&exe, &socket, i, seen.clone())?);
+        replicas.push(start_replica(
+            &exe,
+            &socket,
+            i,
+            seen.clone(),
+            fetched.clone(),
+        )?);
     }
     println!("{} replica processes watching `{TOPIC}`", args.replicas);
 
@@ -81,6 +92,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             tokio::spawn(increment_loop(
                 client,
                 args.writes,
+                Duration::from_millis(args.pace_ms),
                 conflicts.clone(),
                 done.clone(),
             ))
@@ -91,6 +103,8 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let live = std::io::stdout().is_terminal();
     let mut restarted = false;
+    // Whether the last thing printed is the live view (to redraw in place).
+    let mut drawn = false;
     let mut last_print = Instant::now();
     while done.load(Ordering::Relaxed) < total {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -103,6 +117,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             hub = start_hub(&exe, dir.path()).await?;
             println!("*** hub back; writers and replicas reconnect and resync\n");
             restarted = true;
+            drawn = false;
         }
         if live || last_print.elapsed() > Duration::from_secs(1) {
             render(
@@ -110,8 +125,9 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
                 progress,
                 total,
                 conflicts.load(Ordering::Relaxed),
-                live,
+                live && drawn,
             );
+            drawn = true;
             last_print = Instant::now();
         }
     }
@@ -137,7 +153,13 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    render(&seen, total, total, conflicts.load(Ordering::Relaxed), live);
+    render(
+        &seen,
+        total,
+        total,
+        conflicts.load(Ordering::Relaxed),
+        live && drawn,
+    );
 
     for replica in &mut replicas {
         let _ = replica.kill().await;
@@ -153,6 +175,12 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         conflicts.load(Ordering::Relaxed)
     );
     println!("hub restarts          1 (SIGKILL mid-stream, same store)");
+    println!(
+        "replica fetches       {} snapshots pulled and applied by {} replicas for {} revisions (invalidations coalesce)",
+        fetched.load(Ordering::Relaxed),
+        args.replicas,
+        total + 1
+    );
     println!(
         "final value           {final_value} (expected {expected}: {})",
         if correct {
@@ -191,6 +219,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
 async fn increment_loop(
     client: Client,
     writes: u64,
+    pace: Duration,
     conflicts: Arc<AtomicU64>,
     done: Arc<AtomicU64>,
 ) -> Result<(), ClientError> {
@@ -216,12 +245,14 @@ async fn increment_loop(
             }
             Err(e) => return Err(e),
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(pace).await;
     }
     Ok(())
 }
 
-fn render(seen: &Seen, done: u64, total: u64, conflicts: u64, live: bool) {
+/// Prints the progress bar and each replica's state; `redraw` first moves
+/// back over the previous view.
+fn render(seen: &Seen, done: u64, total: u64, conflicts: u64, redraw: bool) {
     let rows: Vec<String> = seen
         .lock()
         .map(|s| {
@@ -244,8 +275,7 @@ fn render(seen: &Seen, done: u64, total: u64, conflicts: u64, live: bool) {
         ".".repeat(30 - filled.min(30))
     );
     let mut out = std::io::stdout().lock();
-    if live {
-        // Redraw in place.
+    if redraw {
         let _ = write!(out, "\x1b[{}F\x1b[J", rows.len() + 1);
     }
     let _ = writeln!(out, "{bar}");
@@ -281,6 +311,7 @@ fn start_replica(
     socket: &Path,
     index: usize,
     seen: Seen,
+    fetched: Arc<AtomicU64>,
 ) -> Result<Child, Box<dyn std::error::Error>> {
     let mut child = Command::new(exe)
         .args(["watch", TOPIC, "--log", "error", "--socket"])
@@ -296,6 +327,7 @@ fn start_replica(
             let Ok(applied) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
+            fetched.fetch_add(1, Ordering::Relaxed);
             let topic = applied["topic"].as_str().unwrap_or_default().to_owned();
             let revision =
                 Revision::from_json_value(&applied["revision"]).unwrap_or(Revision::ZERO);
