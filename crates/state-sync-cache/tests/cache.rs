@@ -11,6 +11,7 @@ use serde_json::json;
 use state_sync::testkit::Recorder;
 use state_sync::{MemorySource, Revision, SnapshotEnvelope, SyncHandle, Topic};
 use state_sync_cache::{CacheError, CacheEvent, Compression, SnapshotCache};
+use state_sync_storage::conformance::FaultyStorage;
 use state_sync_storage::{FileStorage, MemoryStorage, Record, Storage};
 
 fn topic() -> Topic {
@@ -425,42 +426,11 @@ async fn flush_saves_now_and_dispose_stops_saving() {
     assert!(matches!(cache.flush().await, Err(CacheError::Disposed)));
 }
 
-/// Storage whose stores fail while `failing` is set.
-#[derive(Clone, Default)]
-struct Failing {
-    inner: MemoryStorage,
-    failing: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Storage for Failing {
-    async fn load(&self, topic: &Topic) -> state_sync_storage::Result<Option<Record>> {
-        self.inner.load(topic).await
-    }
-
-    async fn store(&self, topic: &Topic, record: &Record) -> state_sync_storage::Result<()> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(state_sync_storage::Error::Io {
-                path: "/cache".into(),
-                source: std::io::Error::other("disk full"),
-            });
-        }
-        self.inner.store(topic, record).await
-    }
-
-    async fn remove(&self, topic: &Topic) -> state_sync_storage::Result<()> {
-        self.inner.remove(topic).await
-    }
-
-    async fn topics(&self) -> state_sync_storage::Result<Vec<Topic>> {
-        self.inner.topics().await
-    }
-}
-
 #[tokio::test]
 async fn every_declared_event_fires() {
-    let storage = Failing::default();
+    let storage = FaultyStorage::new();
     let (seen, on_event) = events();
-    let old = cached_at(&storage.inner, 1, json!({"theme": "dark"}));
+    let old = cached_at(storage.records(), 1, json!({"theme": "dark"}));
     old.await;
     let now = Arc::new(Mutex::new(SystemTime::now()));
     let clock = {
@@ -476,14 +446,10 @@ async fn every_declared_event_fires() {
         .build();
 
     cache.load().await.unwrap().unwrap(); // migrated, load completed
-    storage
-        .failing
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    storage.fail_stores(true);
     cache.stage(SnapshotEnvelope::new(Revision::new(8), settings("a")));
     assert!(cache.flush().await.is_err()); // save started, save failed
-    storage
-        .failing
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    storage.fail_stores(false);
     cache.flush().await.unwrap(); // the failed snapshot is saved on retry
     assert_eq!(cache.stats().last_saved_revision, Some(Revision::new(8)));
     *now.lock().unwrap() += Duration::from_secs(61);

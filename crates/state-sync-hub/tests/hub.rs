@@ -4,13 +4,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use state_sync::{InvalidationEvent, InvalidationSink, Revision, Subscriber, SyncHandle, Topic};
 use state_sync_hub::{Error, Hub};
+use state_sync_storage::conformance::FaultyStorage;
 use state_sync_storage::{MemoryStorage, Record, Storage};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -268,70 +268,35 @@ async fn a_stored_record_that_does_not_decode_is_an_error_not_a_default() {
     assert_eq!(raw.revision(), Revision::new(7));
 }
 
-/// A backend that can be made to fail, and counts stores.
-#[derive(Clone, Default)]
-struct FlakyStorage {
-    inner: MemoryStorage,
-    failing: Arc<AtomicBool>,
-    stores: Arc<AtomicUsize>,
-    delay: Option<Duration>,
-}
-
-impl Storage for FlakyStorage {
-    async fn load(&self, topic: &Topic) -> state_sync_storage::Result<Option<Record>> {
-        self.inner.load(topic).await
-    }
-
-    async fn store(&self, topic: &Topic, record: &Record) -> state_sync_storage::Result<()> {
-        if let Some(delay) = self.delay {
-            tokio::time::sleep(delay).await;
-        }
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(state_sync_storage::Error::Io {
-                path: "/flaky".into(),
-                source: std::io::Error::other("disk full"),
-            });
-        }
-        self.stores.fetch_add(1, Ordering::SeqCst);
-        self.inner.store(topic, record).await
-    }
-
-    async fn remove(&self, topic: &Topic) -> state_sync_storage::Result<()> {
-        self.inner.remove(topic).await
-    }
-
-    async fn topics(&self) -> state_sync_storage::Result<Vec<Topic>> {
-        self.inner.topics().await
-    }
-}
-
 #[tokio::test]
 async fn a_failed_store_commits_nothing_and_sends_no_invalidation() {
-    let storage = FlakyStorage::default();
+    let storage = FaultyStorage::new();
     let hub = Hub::new(storage.clone());
     let counter = hub.topic("counter", || 0u32).await.unwrap();
     let (seen, _subscription) = events(&hub, counter.topic()).await;
     let r1 = counter.replace(1).await.unwrap();
 
-    storage.failing.store(true, Ordering::SeqCst);
+    storage.fail_stores(true);
     let error = counter.replace(2).await.unwrap_err();
     assert_eq!(error.code(), "storage");
     assert_eq!(*counter.get().value(), 1);
     assert_eq!(counter.revision(), r1);
     assert_eq!(seen.lock().unwrap().len(), 1);
 
-    storage.failing.store(false, Ordering::SeqCst);
+    storage.fail_stores(false);
     assert_eq!(counter.replace(3).await.unwrap(), r1.next());
-    let stored = storage.inner.load(counter.topic()).await.unwrap().unwrap();
+    let stored = storage
+        .records()
+        .load(counter.topic())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((stored.revision, &stored.data[..]), (r1.next(), &b"3"[..]));
 }
 
 #[tokio::test(start_paused = true)]
 async fn writes_queued_during_a_store_share_the_next_one() {
-    let storage = FlakyStorage {
-        delay: Some(Duration::from_millis(10)),
-        ..FlakyStorage::default()
-    };
+    let storage = FaultyStorage::new().with_delay(Duration::from_millis(10));
     let hub = Hub::new(storage.clone());
     let counter = hub.topic("counter", || 0u32).await.unwrap();
     let start = counter.revision();
@@ -351,7 +316,7 @@ async fn writes_queued_during_a_store_share_the_next_one() {
     let expected: Vec<_> = (1..=100).map(|i| Revision::new(start.get() + i)).collect();
     assert_eq!(revisions, expected, "every writer gets its own revision");
     assert_eq!(*counter.get().value(), 100);
-    let stores = storage.stores.load(Ordering::SeqCst);
+    let stores = storage.stores();
     assert!(stores < 10, "{stores} stores for 100 queued writes");
     // One invalidation per commit, in order, each naming its writer.
     let events = seen.lock().unwrap().clone();
@@ -366,10 +331,7 @@ async fn writes_queued_during_a_store_share_the_next_one() {
 
 #[tokio::test(start_paused = true)]
 async fn without_group_commit_every_write_is_stored() {
-    let storage = FlakyStorage {
-        delay: Some(Duration::from_millis(10)),
-        ..FlakyStorage::default()
-    };
+    let storage = FaultyStorage::new().with_delay(Duration::from_millis(10));
     let hub = Hub::builder()
         .storage(storage.clone())
         .group_commit(false)
@@ -384,15 +346,12 @@ async fn without_group_commit_every_write_is_stored() {
     for w in writers {
         w.await.unwrap();
     }
-    assert_eq!(storage.stores.load(Ordering::SeqCst), 20);
+    assert_eq!(storage.stores(), 20);
 }
 
 #[tokio::test(start_paused = true)]
 async fn close_finishes_queued_writes_then_refuses_new_ones() {
-    let storage = FlakyStorage {
-        delay: Some(Duration::from_millis(10)),
-        ..FlakyStorage::default()
-    };
+    let storage = FaultyStorage::new().with_delay(Duration::from_millis(10));
     let hub = Hub::new(storage.clone());
     let counter = hub.topic("counter", || 0u32).await.unwrap();
     let queued: Vec<_> = (0..5)
@@ -407,7 +366,12 @@ async fn close_finishes_queued_writes_then_refuses_new_ones() {
         q.await.unwrap().unwrap();
     }
     assert_eq!(*counter.get().value(), 5);
-    let stored = storage.inner.load(counter.topic()).await.unwrap().unwrap();
+    let stored = storage
+        .records()
+        .load(counter.topic())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.data, &b"5"[..]);
     assert_eq!(counter.replace(0).await.unwrap_err().code(), "closed");
 }
@@ -445,42 +409,9 @@ async fn in_process_replicas_follow_with_conditional_fetch() {
     assert!(matches!(fetched, state_sync::Fetched::NotModified { revision: r } if r == revision));
 }
 
-/// Storage whose stores for one topic wait until released.
-#[derive(Clone)]
-struct Gated {
-    inner: MemoryStorage,
-    slow: Topic,
-    release: Arc<tokio::sync::Semaphore>,
-}
-
-impl Storage for Gated {
-    async fn load(&self, topic: &Topic) -> state_sync_storage::Result<Option<Record>> {
-        self.inner.load(topic).await
-    }
-
-    async fn store(&self, topic: &Topic, record: &Record) -> state_sync_storage::Result<()> {
-        if topic == &self.slow {
-            self.release.acquire().await.unwrap().forget();
-        }
-        self.inner.store(topic, record).await
-    }
-
-    async fn remove(&self, topic: &Topic) -> state_sync_storage::Result<()> {
-        self.inner.remove(topic).await
-    }
-
-    async fn topics(&self) -> state_sync_storage::Result<Vec<Topic>> {
-        self.inner.topics().await
-    }
-}
-
 #[tokio::test]
 async fn a_stuck_topic_does_not_block_other_topics() {
-    let storage = Gated {
-        inner: MemoryStorage::new(),
-        slow: Topic::new("slow").unwrap(),
-        release: Arc::new(tokio::sync::Semaphore::new(0)),
-    };
+    let (storage, release) = FaultyStorage::new().holding(Topic::new("slow").unwrap());
     let hub = Hub::new(storage.clone());
     let slow = hub.topic("slow", || 0u32).await.unwrap();
     let fast = hub.topic("fast", || 0u32).await.unwrap();
@@ -496,7 +427,7 @@ async fn a_stuck_topic_does_not_block_other_topics() {
     assert!(!stuck.is_finished());
     assert_eq!(*slow.get().value(), 0, "visible before it was stored");
 
-    storage.release.add_permits(1);
+    release.add_permits(1);
     stuck.await.unwrap().unwrap();
     assert_eq!(*slow.get().value(), 1);
 }

@@ -120,3 +120,107 @@ pub async fn run<S: Storage>(open: impl Fn() -> S) {
         "remove touches one topic"
     );
 }
+
+/// A [`MemoryStorage`](crate::MemoryStorage) that can be made to fail, slow
+/// down or hold stores, for testing what is built on storage (a hub, a
+/// cache). Clones share the records and the knobs.
+///
+/// ```
+/// use state_sync::{Revision, Topic};
+/// use state_sync_storage::{conformance::FaultyStorage, Record, Storage};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let storage = FaultyStorage::new();
+/// let topic = Topic::new("t").unwrap();
+/// storage.fail_stores(true);
+/// assert!(storage.store(&topic, &Record::new(Revision::new(1), "1")).await.is_err());
+/// storage.fail_stores(false);
+/// storage.store(&topic, &Record::new(Revision::new(1), "1")).await.unwrap();
+/// assert_eq!(storage.stores(), 1);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct FaultyStorage {
+    inner: crate::MemoryStorage,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stores: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    delay: Option<std::time::Duration>,
+    held: Option<(Topic, std::sync::Arc<tokio::sync::Semaphore>)>,
+}
+
+impl FaultyStorage {
+    /// Working storage, no delay.
+    #[must_use]
+    pub fn new() -> Self {
+        FaultyStorage::default()
+    }
+
+    /// Every store first sleeps `delay` (Tokio time: pausable).
+    #[must_use]
+    pub fn with_delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Stores of `topic` wait for a permit of the returned semaphore.
+    #[must_use]
+    pub fn holding(mut self, topic: Topic) -> (Self, std::sync::Arc<tokio::sync::Semaphore>) {
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        self.held = Some((topic, gate.clone()));
+        (self, gate)
+    }
+
+    /// Makes every store fail with an I/O error (`true`) or work again.
+    pub fn fail_stores(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Stores that succeeded.
+    #[must_use]
+    pub fn stores(&self) -> usize {
+        self.stores.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The records, bypassing every fault.
+    #[must_use]
+    pub fn records(&self) -> &crate::MemoryStorage {
+        &self.inner
+    }
+}
+
+impl Storage for FaultyStorage {
+    async fn load(&self, topic: &Topic) -> crate::Result<Option<Record>> {
+        self.inner.load(topic).await
+    }
+
+    async fn store(&self, topic: &Topic, record: &Record) -> crate::Result<()> {
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((held, gate)) = &self.held
+            && held == topic
+            && let Ok(permit) = gate.acquire().await
+        {
+            permit.forget();
+        }
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::Error::Io {
+                path: "<faulty storage>".into(),
+                source: std::io::Error::other("injected failure"),
+            });
+        }
+        self.stores
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.store(topic, record).await
+    }
+
+    async fn remove(&self, topic: &Topic) -> crate::Result<()> {
+        self.inner.remove(topic).await
+    }
+
+    async fn topics(&self) -> crate::Result<Vec<Topic>> {
+        self.inner.topics().await
+    }
+}
