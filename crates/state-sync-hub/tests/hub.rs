@@ -434,8 +434,7 @@ async fn a_stuck_topic_does_not_block_other_topics() {
 
 #[test]
 fn replicas_of_a_hub_converge_over_a_lossy_bus() {
-    use state_sync::RetryPolicy;
-    use state_sync::testkit::{Faults, Recorder, SimulatedBus};
+    use state_sync::testkit::{Faults, SimulatedBus};
 
     for seed in 0..8 {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -449,21 +448,7 @@ fn replicas_of_a_hub_converge_over_a_lossy_bus() {
             let bus = SimulatedBus::new(seed, Faults::lossy());
             let mut replicas = Vec::new();
             for _ in 0..5 {
-                let recorder = Recorder::new();
-                let handle = SyncHandle::builder(
-                    doc.topic().clone(),
-                    bus.subscriber(doc.clone()),
-                    bus.provider(doc.clone()),
-                    recorder.clone(),
-                )
-                .retry(
-                    RetryPolicy::default()
-                        .max_attempts(10)
-                        .initial_delay(Duration::from_millis(5)),
-                )
-                .build();
-                handle.start().await.unwrap();
-                replicas.push((handle, recorder));
+                replicas.push(bus.start_replica(doc.topic(), doc.clone()).await.unwrap());
             }
             let writers: Vec<_> = (0..3)
                 .map(|w| {

@@ -214,68 +214,43 @@ async fn every_bad_input_gets_its_error_code_and_the_server_keeps_serving() {
     // Request errors keep the connection open.
     let mut conn = raw(&path).await;
     assert_eq!(hello(&mut conn, Some("good")).await["type"], "welcome");
-    expect_error(&mut conn, "{not json", "bad_request").await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"frobnicate","id":1}"#,
-        "unknown_message",
-    )
-    .await;
-    expect_error(&mut conn, r#"{"type":"get","id":2}"#, "bad_request").await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"get","id":3,"topic":"counter","ifNewerThan":"01"}"#,
-        "invalid_revision",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"get","id":4,"topic":"counter","ifNewerThan":5}"#,
-        "bad_request",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"set","id":5,"topic":"counter","data":6,"expectedRevision":"1.0"}"#,
-        "invalid_revision",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"get","id":6,"topic":"missing"}"#,
-        "unknown_topic",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"get","id":7,"topic":"  "}"#,
-        "invalid_topic",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"get","id":8,"topic":"private"}"#,
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"subscribe","id":9,"topic":"private"}"#,
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"set","id":10,"topic":"private","data":1}"#,
-        "forbidden",
-    )
-    .await;
-    expect_error(
-        &mut conn,
-        r#"{"type":"set","id":11,"topic":"counter","data":"six"}"#,
-        "invalid_data",
-    )
-    .await;
+    for (message, code) in [
+        ("{not json", "bad_request"),
+        (r#"{"type":"frobnicate","id":1}"#, "unknown_message"),
+        (r#"{"type":"get","id":2}"#, "bad_request"),
+        (
+            r#"{"type":"get","id":3,"topic":"counter","ifNewerThan":"01"}"#,
+            "invalid_revision",
+        ),
+        (
+            r#"{"type":"get","id":4,"topic":"counter","ifNewerThan":5}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"type":"set","id":5,"topic":"counter","data":6,"expectedRevision":"1.0"}"#,
+            "invalid_revision",
+        ),
+        (
+            r#"{"type":"get","id":6,"topic":"missing"}"#,
+            "unknown_topic",
+        ),
+        (r#"{"type":"get","id":7,"topic":"  "}"#, "invalid_topic"),
+        (r#"{"type":"get","id":8,"topic":"private"}"#, "forbidden"),
+        (
+            r#"{"type":"subscribe","id":9,"topic":"private"}"#,
+            "forbidden",
+        ),
+        (
+            r#"{"type":"set","id":10,"topic":"private","data":1}"#,
+            "forbidden",
+        ),
+        (
+            r#"{"type":"set","id":11,"topic":"counter","data":"six"}"#,
+            "invalid_data",
+        ),
+    ] {
+        expect_error(&mut conn, message, code).await;
+    }
     let big = format!(
         r#"{{"type":"set","id":12,"topic":"big","data":"{}"}}"#,
         "x".repeat(2000)

@@ -222,6 +222,40 @@ impl SimulatedBus {
         }
     }
 
+    /// Starts a replica of `topic` behind this bus: `source`'s events and
+    /// fetches cross the bus, a [`Recorder`] is its applier, and failed
+    /// fetches are retried patiently (10 attempts from 5 ms), as a lossy
+    /// transport needs.
+    ///
+    /// # Errors
+    ///
+    /// As [`SyncHandle::start`](crate::SyncHandle::start).
+    pub async fn start_replica<S>(
+        &self,
+        topic: &Topic,
+        source: S,
+    ) -> crate::Result<(crate::SyncHandle, Recorder<S::Data>)>
+    where
+        S: Subscriber + Provider + Clone,
+        S::Data: Clone + Send + Sync,
+    {
+        let recorder = Recorder::with_data();
+        let handle = crate::SyncHandle::builder(
+            topic.clone(),
+            self.subscriber(source.clone()),
+            self.provider(source),
+            recorder.clone(),
+        )
+        .retry(
+            crate::RetryPolicy::default()
+                .max_attempts(10)
+                .initial_delay(Duration::from_millis(5)),
+        )
+        .build();
+        handle.start().await?;
+        Ok((handle, recorder))
+    }
+
     fn chance(&self, p: f64) -> bool {
         p > 0.0 && lock(&self.inner.rng).f64() < p
     }

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use state_sync::testkit::{Faults, Recorder, SimulatedBus};
-use state_sync::{MemorySource, RetryPolicy, SyncHandle, Topic};
+use state_sync::testkit::{Faults, SimulatedBus};
+use state_sync::{MemorySource, Topic};
 
 const REPLICAS: usize = 10;
 const WRITERS: u64 = 4;
@@ -29,21 +29,11 @@ fn run(seed: u64) -> state_sync::testkit::BusStats {
         let bus = SimulatedBus::new(seed, faults);
         let mut replicas = Vec::new();
         for _ in 0..REPLICAS {
-            let recorder = Recorder::new();
-            let handle = SyncHandle::builder(
-                source.topic().clone(),
-                bus.subscriber(source.clone()),
-                bus.provider(source.clone()),
-                recorder.clone(),
-            )
-            .retry(
-                RetryPolicy::default()
-                    .max_attempts(10)
-                    .initial_delay(Duration::from_millis(5)),
-            )
-            .build();
-            handle.start().await.unwrap();
-            replicas.push((handle, recorder));
+            replicas.push(
+                bus.start_replica(source.topic(), source.clone())
+                    .await
+                    .unwrap(),
+            );
         }
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
