@@ -297,3 +297,64 @@ fn plugin_commands_follow_the_capabilities_reading_by_default_writing_opt_in() {
     .unwrap_err();
     assert!(denied.as_str().unwrap().contains("not allowed"), "{denied}");
 }
+
+/// Feeds the emitted payloads and `get_snapshot` answers to a JavaScript
+/// engine implementing the revision gate (skipped when `node` is missing).
+#[test]
+fn a_javascript_engine_converges_on_what_the_plugin_emits() {
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("node not found; skipping");
+        return;
+    }
+    let app = settings_app();
+    let seen = events(&app);
+    let a = window(&app, "a");
+    let b = window(&app, "b");
+    let initial = invoke(&b, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    let mut steps = Vec::new();
+    for i in 0..5u8 {
+        let writer = if i % 2 == 0 { &a } else { &b };
+        invoke(
+            writer,
+            "set",
+            json!({"topic": "settings", "data": {"theme": format!("t{i}"), "volume": i}}),
+        )
+        .unwrap();
+        let event = seen.lock().unwrap().last().cloned().unwrap();
+        let snapshot = invoke(&b, "get_snapshot", json!({"topic": "settings"})).unwrap();
+        steps.push(json!({"event": event, "snapshot": snapshot}));
+        // A duplicate and a stale event, as a lossy transport delivers them.
+        steps.push(json!({"event": event, "snapshot": snapshot}));
+        steps.push(json!({"event": {"topic": "settings", "revision": "0"}, "snapshot": snapshot}));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let transcript = dir.path().join("transcript.json");
+    std::fs::write(
+        &transcript,
+        json!({"topic": "settings", "initial": initial, "steps": steps}).to_string(),
+    )
+    .unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/gate.mjs");
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .arg(&transcript)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(summary["revision"], last["revision"]);
+    assert_eq!(summary["state"], json!({"theme": "t4", "volume": 4}));
+    // One fetch at start, then one per new revision: duplicates and stale
+    // events cost nothing.
+    assert_eq!(summary["fetches"], 6);
+    assert_eq!(summary["applied"], 6);
+}
