@@ -416,3 +416,54 @@ async fn clients_reconnect_resubscribe_and_resync_after_a_restart() {
     assert!(recorder.is_strictly_increasing());
     server.shutdown().await;
 }
+
+/// A hub that answers requests but never sends invalidations (a deaf
+/// subscription), and whose topic moves on silently after the first fetch.
+async fn deaf_hub(path: PathBuf) {
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut conn = Framed::new(stream, LengthDelimitedCodec::new());
+    let mut revision = 1u64;
+    while let Some(Ok(frame)) = conn.next().await {
+        let request: Value = serde_json::from_slice(&frame).unwrap();
+        let id = request["id"].clone();
+        let answer = match request["type"].as_str().unwrap() {
+            "hello" => json!({"type": "welcome", "version": 1, "serverId": "deaf"}),
+            "subscribe" => {
+                json!({"type": "subscribed", "id": id, "topic": "doc", "revision": revision.to_string()})
+            }
+            "get" => {
+                let answer = json!({"type": "snapshot", "id": id, "topic": "doc", "revision": revision.to_string(), "data": revision});
+                revision = 2; // changes, and tells no one
+                answer
+            }
+            _ => json!({"type": "pong", "id": id}),
+        };
+        conn.send(Bytes::from(answer.to_string())).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_revision_probe_catches_a_deaf_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deaf.sock");
+    let hub = tokio::spawn(deaf_hub(path.clone()));
+    tokio::task::yield_now().await;
+    let client = Client::connect(
+        Endpoint::Unix(path),
+        options("prober").probe_interval(Duration::from_millis(50)),
+    );
+    client.wait_connected().await;
+    let (handle, recorder) = replica(&client, "doc").await;
+    assert_eq!(recorder.last_data(), Some(1));
+    // No invalidation will come; the probe notices revision 2.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        handle.wait_for_revision(Revision::new(2)),
+    )
+    .await
+    .expect("the probe never noticed")
+    .unwrap();
+    assert_eq!(recorder.last_data(), Some(2));
+    hub.abort();
+}
