@@ -14,7 +14,7 @@ use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
     Server, ServerConfig,
 };
-use state_sync_storage::FileStorage;
+use state_sync_storage::{FileStorage, Storage};
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
@@ -466,4 +466,42 @@ async fn the_revision_probe_catches_a_deaf_subscription() {
     .unwrap();
     assert_eq!(recorder.last_data(), Some(2));
     hub.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_write_in_flight() {
+    let doc = state_sync::Topic::new("doc").unwrap();
+    let (storage, release) =
+        state_sync_storage::conformance::FaultyStorage::new().holding(doc.clone());
+    let hub = Hub::new(storage.clone());
+    hub.json_topic("doc").await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let client = Client::connect(Endpoint::Unix(path), options("late-writer"));
+    client.wait_connected().await;
+
+    let write = tokio::spawn({
+        let client = client.clone();
+        async move { client.set_json("doc", r#"{"saved":true}"#, None).await }
+    });
+    // Shut down while the store is in progress, then let the store finish.
+    while storage.stores_started() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let shutdown = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown().await }
+    });
+    tokio::task::yield_now().await;
+    release.add_permits(1);
+    shutdown.await.unwrap();
+
+    let revision = write
+        .await
+        .unwrap()
+        .expect("the in-flight write was not answered");
+    let stored = storage.records().load(&doc).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.revision, &stored.data[..]),
+        (revision, &br#"{"saved":true}"#[..])
+    );
 }

@@ -145,6 +145,7 @@ pub struct FaultyStorage {
     inner: crate::MemoryStorage,
     failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stores: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     delay: Option<std::time::Duration>,
     held: Option<(Topic, std::sync::Arc<tokio::sync::Semaphore>)>,
 }
@@ -183,6 +184,12 @@ impl FaultyStorage {
         self.stores.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Stores that began (including held, slow and failed ones).
+    #[must_use]
+    pub fn stores_started(&self) -> usize {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The records, bypassing every fault.
     #[must_use]
     pub fn records(&self) -> &crate::MemoryStorage {
@@ -196,6 +203,8 @@ impl Storage for FaultyStorage {
     }
 
     async fn store(&self, topic: &Topic, record: &Record) -> crate::Result<()> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
         }
