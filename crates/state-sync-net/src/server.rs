@@ -1,6 +1,6 @@
 //! [`Server`]: serves a [`Hub`] over Unix sockets and WebSocket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use state_sync::{InvalidationEvent, InvalidationSink, Revision, Subscriber, Subscription, Topic};
+use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_hub::{Error as HubError, Hub};
 use tokio::net::TcpListener;
 #[cfg(unix)]
@@ -131,7 +131,9 @@ struct Shared {
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
     next_connection: AtomicU64,
     unix_paths: Mutex<Vec<PathBuf>>,
-    counters: Counters,
+    /// One hub subscription per topic, shared by the connections on it.
+    fanouts: Mutex<HashMap<Topic, Fanout>>,
+    counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -170,7 +172,8 @@ impl Server {
                 connections: Mutex::new(HashMap::new()),
                 next_connection: AtomicU64::new(1),
                 unix_paths: Mutex::new(Vec::new()),
-                counters: Counters::default(),
+                fanouts: Mutex::new(HashMap::new()),
+                counters: Arc::new(Counters::default()),
             }),
         }
     }
@@ -387,24 +390,90 @@ fn set_owner_only(path: &Path) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
-/// One connection's outgoing invalidations: the newest per topic.
+/// One connection's outgoing invalidation frames: the newest per topic.
 struct Connection {
-    pending: Mutex<HashMap<Topic, InvalidationEvent>>,
+    pending: Mutex<HashMap<Topic, Bytes>>,
     wake: Notify,
 }
 
 impl Connection {
-    /// Called by the hub inside its publish: never blocks.
-    fn push(&self, event: &InvalidationEvent, counters: &Counters) {
-        let replaced = lock(&self.pending)
-            .insert(event.topic.clone(), event.clone())
-            .is_some();
+    /// Called inside the hub's publish: never blocks.
+    fn push(&self, topic: &Topic, frame: Bytes, counters: &Counters) {
+        let replaced = lock(&self.pending).insert(topic.clone(), frame).is_some();
         if replaced {
             counters
                 .invalidations_coalesced
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.wake.notify_one();
+    }
+}
+
+type Members = Arc<Mutex<HashMap<u64, Arc<Connection>>>>;
+
+/// The server's subscription to one topic: each invalidation is encoded
+/// once and its frame handed to every connection subscribed to the topic.
+struct Fanout {
+    members: Members,
+    _subscription: Subscription,
+}
+
+impl Shared {
+    /// Subscribes `connection` to `topic`'s invalidations.
+    async fn join(
+        &self,
+        topic: &Topic,
+        id: u64,
+        connection: Arc<Connection>,
+    ) -> Result<(), state_sync::BoxError> {
+        if let Some(fanout) = lock(&self.fanouts).get(topic) {
+            lock(&fanout.members).insert(id, connection);
+            return Ok(());
+        }
+        let members: Members = Arc::default();
+        let sink = {
+            let members = members.clone();
+            let counters = self.counters.clone();
+            InvalidationSink::from_fn(topic.clone(), move |event| {
+                let frame = protocol::encode(&ServerMessage::Invalidation {
+                    topic: event.topic.clone(),
+                    revision: event.revision,
+                    source_id: event.source_id.clone(),
+                });
+                for connection in lock(&members).values() {
+                    connection.push(&event.topic, frame.clone(), &counters);
+                }
+            })
+        };
+        let subscription = self.hub.subscribe(topic, sink).await?;
+        // Another connection may have joined meanwhile: keep its fanout.
+        let mut fanouts = lock(&self.fanouts);
+        let fanout = fanouts.entry(topic.clone()).or_insert(Fanout {
+            members,
+            _subscription: subscription,
+        });
+        lock(&fanout.members).insert(id, connection);
+        Ok(())
+    }
+
+    /// Unsubscribes connection `id` from `topic`; the last one out ends the
+    /// server's hub subscription.
+    fn leave(&self, topic: &Topic, id: u64) {
+        let emptied = {
+            let mut fanouts = lock(&self.fanouts);
+            let now_empty = fanouts.get(topic).is_some_and(|fanout| {
+                let mut members = lock(&fanout.members);
+                members.remove(&id);
+                members.is_empty()
+            });
+            if now_empty {
+                fanouts.remove(topic)
+            } else {
+                None
+            }
+        };
+        // Unsubscribe from the hub outside our lock.
+        drop(emptied);
     }
 }
 
@@ -427,13 +496,16 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
     let writer = tokio::spawn(write_loop(shared.clone(), connection.clone(), sink, queue));
     let mut session = Session {
         shared: shared.clone(),
+        id,
         connection,
         grant,
         client_id,
-        subscriptions: HashMap::new(),
+        subscriptions: HashSet::new(),
     };
     let goodbye = session.read_loop(&mut frames, &responses).await;
-    drop(session.subscriptions);
+    for topic in &session.subscriptions {
+        shared.leave(topic, id);
+    }
     if let Some(goodbye) = goodbye {
         let _ = responses.send(goodbye).await;
     }
@@ -539,16 +611,11 @@ async fn write_loop(
                 None => break,
             },
             () = connection.wake.notified() => {
-                let events: Vec<InvalidationEvent> =
-                    lock(&connection.pending).drain().map(|(_, e)| e).collect();
+                let frames: Vec<Bytes> =
+                    lock(&connection.pending).drain().map(|(_, frame)| frame).collect();
                 let mut result = Ok(());
-                for event in events {
+                for frame in frames {
                     counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
-                    let frame = protocol::encode(&ServerMessage::Invalidation {
-                        topic: event.topic,
-                        revision: event.revision,
-                        source_id: event.source_id,
-                    });
                     result = sink.feed(frame).await;
                     if result.is_err() {
                         break;
@@ -572,10 +639,11 @@ async fn write_loop(
 
 struct Session {
     shared: Arc<Shared>,
+    id: u64,
     connection: Arc<Connection>,
     grant: Grant,
     client_id: String,
-    subscriptions: HashMap<Topic, Subscription>,
+    subscriptions: HashSet<Topic>,
 }
 
 type Answer = Result<Bytes, Bytes>;
@@ -638,7 +706,9 @@ impl Session {
             ClientMessage::Subscribe { id, topic } => self.subscribe(id, &topic).await,
             ClientMessage::Unsubscribe { id, topic } => {
                 let topic = parse_topic(id, &topic)?;
-                self.subscriptions.remove(&topic);
+                if self.subscriptions.remove(&topic) {
+                    self.shared.leave(&topic, self.id);
+                }
                 lock(&self.connection.pending).remove(&topic);
                 Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
             }
@@ -682,17 +752,12 @@ impl Session {
             .hub
             .get_json(&topic)
             .map_err(|e| hub_error(id, &e))?;
-        if !self.subscriptions.contains_key(&topic) {
-            let connection = self.connection.clone();
-            let shared = self.shared.clone();
-            let sink = InvalidationSink::from_fn(topic.clone(), move |event| {
-                connection.push(event, &shared.counters);
-            });
-            let subscription =
-                self.shared.hub.subscribe(&topic, sink).await.map_err(|e| {
-                    protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string())
-                })?;
-            self.subscriptions.insert(topic.clone(), subscription);
+        if !self.subscriptions.contains(&topic) {
+            self.shared
+                .join(&topic, self.id, self.connection.clone())
+                .await
+                .map_err(|e| protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string()))?;
+            self.subscriptions.insert(topic.clone());
         }
         Ok(protocol::encode(&ServerMessage::Subscribed {
             id,
