@@ -14,9 +14,7 @@ pub(crate) mod exit {
     pub(crate) const OK: u8 = 0;
     /// The hub could not be reached, or another runtime failure.
     pub(crate) const FAILURE: u8 = 1;
-    /// Bad command-line usage (clap's own code).
-    #[allow(dead_code)]
-    pub(crate) const USAGE: u8 = 2;
+    // 2, bad command-line usage, is clap's own exit code.
     /// A compare-and-set (`set --expect`) found another revision.
     pub(crate) const CONFLICT: u8 = 3;
     /// The input was refused: invalid JSON, invalid topic or revision, data
