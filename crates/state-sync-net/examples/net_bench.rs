@@ -2,9 +2,13 @@
 //! one writer at a steady rate; convergence latency, fetches and bytes per
 //! write, server RSS. One JSON line per configuration.
 //!
+//! Each configuration runs in two modes: `inline` (the default: snapshots
+//! ride in the invalidations) and `pull` (every replica fetches after each
+//! invalidation).
+//!
 //! ```text
 //! cargo run --release -p state-sync-net --example net_bench
-//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix   # one configuration
+//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix pull   # one configuration
 //! ```
 //!
 //! The server runs in a child process (this example, re-executed), so its
@@ -47,7 +51,11 @@ async fn server_child(dir: String) -> Result<(), BoxError> {
         let s = server.stats();
         println!(
             "{}",
-            json!({"snapshots": s.snapshots_sent, "bytes": s.snapshot_bytes_sent, "connections": s.connections})
+            json!({
+                "fetched": s.snapshots_sent,
+                "inlined": s.snapshots_inlined,
+                "bytes": s.snapshot_bytes_sent + s.snapshot_bytes_inlined,
+            })
         );
     }
     Ok(())
@@ -82,15 +90,13 @@ impl ServerProcess {
         })
     }
 
-    fn stats(&mut self) -> Result<(u64, u64), BoxError> {
+    /// Snapshots fetched, snapshots inlined, snapshot bytes sent.
+    fn stats(&mut self) -> Result<[u64; 3], BoxError> {
         writeln!(self.stdin, "stats")?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         let v: Value = serde_json::from_str(&line)?;
-        Ok((
-            v["snapshots"].as_u64().unwrap_or(0),
-            v["bytes"].as_u64().unwrap_or(0),
-        ))
+        Ok(["fetched", "inlined", "bytes"].map(|k| v[k].as_u64().unwrap_or(0)))
     }
 
     fn rss_kib(&self) -> u64 {
@@ -115,7 +121,12 @@ impl Drop for ServerProcess {
 /// Per replica: (revision, when applied), in apply order.
 type Applied = Arc<Mutex<Vec<(Revision, Instant)>>>;
 
-async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Result<(), BoxError> {
+async fn run(
+    server: &mut ServerProcess,
+    transport: &str,
+    replicas: usize,
+    mode: &str,
+) -> Result<(), BoxError> {
     let endpoint = match transport {
         "unix" => Endpoint::Unix(server.socket.clone().into()),
         _ => Endpoint::WebSocket(server.ws.clone()),
@@ -125,7 +136,8 @@ async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Re
     let mut logs: Vec<Applied> = Vec::with_capacity(replicas);
     for i in 0..replicas {
         // One connection per replica: each stands for one process.
-        let client = Client::connect(endpoint.clone(), ClientOptions::new(format!("replica-{i}")));
+        let options = ClientOptions::new(format!("replica-{i}")).inline_snapshots(mode == "inline");
+        let client = Client::connect(endpoint.clone(), options);
         client.wait_connected().await;
         let remote = client.topic::<Value>("bench")?;
         let log: Applied = Arc::new(Mutex::new(Vec::with_capacity(WRITES + 1)));
@@ -151,7 +163,7 @@ async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Re
 
     let writer = Client::connect(endpoint.clone(), ClientOptions::new("writer"));
     writer.wait_connected().await;
-    let (snapshots_before, bytes_before) = server.stats()?;
+    let before = server.stats()?;
     let payload = "x".repeat(200);
     let mut writes = Vec::with_capacity(WRITES);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SEC));
@@ -167,7 +179,8 @@ async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Re
     for handle in &handles {
         handle.wait_for_revision(last).await?;
     }
-    let (snapshots_after, bytes_after) = server.stats()?;
+    let after = server.stats()?;
+    let per_write = |i: usize| (after[i] - before[i]) as f64 / WRITES as f64;
 
     let mut latencies: Vec<Duration> = writes
         .iter()
@@ -191,13 +204,15 @@ async fn run(server: &mut ServerProcess, transport: &str, replicas: usize) -> Re
         json!({
             "transport": transport,
             "replicas": replicas,
+            "mode": mode,
             "writes": WRITES,
             "rate_per_sec": RATE_PER_SEC,
             "p50_ms": (ms(pct(0.5)) * 100.0).round() / 100.0,
             "p99_ms": (ms(pct(0.99)) * 100.0).round() / 100.0,
             "max_ms": (ms(pct(1.0)) * 100.0).round() / 100.0,
-            "fetches_per_write": ((snapshots_after - snapshots_before) as f64 / WRITES as f64 * 10.0).round() / 10.0,
-            "bytes_per_write": (bytes_after - bytes_before) / WRITES as u64,
+            "fetches_per_write": (per_write(0) * 10.0).round() / 10.0,
+            "inlined_per_write": (per_write(1) * 10.0).round() / 10.0,
+            "bytes_per_write": per_write(2).round(),
             "server_rss_mib": server.rss_kib() / 1024,
         })
     );
@@ -217,19 +232,26 @@ fn main() -> Result<(), BoxError> {
         return runtime.block_on(server_child(dir));
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let configs: Vec<(usize, String)> = match args.as_slice() {
-        [n, transport] => vec![(n.parse()?, transport.clone())],
-        _ => [100, 1000]
-            .into_iter()
-            .flat_map(|n| [(n, "unix".to_owned()), (n, "websocket".to_owned())])
-            .collect(),
+    let configs: Vec<(usize, String, String)> = match args.as_slice() {
+        [n, transport, mode] => vec![(n.parse()?, transport.clone(), mode.clone())],
+        _ => {
+            let mut all = Vec::new();
+            for n in [100, 1000] {
+                for transport in ["unix", "websocket"] {
+                    for mode in ["inline", "pull"] {
+                        all.push((n, transport.to_owned(), mode.to_owned()));
+                    }
+                }
+            }
+            all
+        }
     };
     let dir = tempfile::tempdir()?;
     runtime.block_on(async {
         let mut server = ServerProcess::start(dir.path())?;
         eprintln!("server RSS at start: {} MiB", server.rss_kib() / 1024);
-        for (replicas, transport) in configs {
-            run(&mut server, &transport, replicas).await?;
+        for (replicas, transport, mode) in configs {
+            run(&mut server, &transport, replicas, &mode).await?;
         }
         Ok(())
     })

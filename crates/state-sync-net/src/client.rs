@@ -67,6 +67,11 @@ pub struct ClientOptions {
     pub probe_interval: Option<Duration>,
     /// Largest frame sent or accepted (default 1 MiB, as the server).
     pub max_frame_bytes: usize,
+    /// Whether to ask the server to carry small snapshots inside
+    /// invalidations (default `true`): a replica then applies a new
+    /// revision without a fetch round trip. Larger snapshots, and every
+    /// refresh after a reconnect, are still fetched.
+    pub inline_snapshots: bool,
 }
 
 impl ClientOptions {
@@ -84,6 +89,7 @@ impl ClientOptions {
             ping_interval: Duration::from_secs(15),
             probe_interval: None,
             max_frame_bytes: 1 << 20,
+            inline_snapshots: true,
         }
     }
 
@@ -119,6 +125,13 @@ impl ClientOptions {
     #[must_use]
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = Some(interval);
+        self
+    }
+
+    /// Sets whether invalidations should carry small snapshots.
+    #[must_use]
+    pub fn inline_snapshots(mut self, inline: bool) -> Self {
+        self.inline_snapshots = inline;
         self
     }
 }
@@ -224,6 +237,8 @@ struct TopicSinks {
     sinks: Vec<(u64, InvalidationSink)>,
     /// The newest revision heard of, for the probe.
     seen: Option<Revision>,
+    /// The newest snapshot an invalidation carried, on this connection.
+    inlined: Option<(Revision, Bytes)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -457,6 +472,25 @@ impl Shared {
         });
     }
 
+    /// What a fetch would get, answered from the snapshot the newest
+    /// invalidation carried; `None` when none did (then fetch).
+    fn inlined(&self, topic: &Topic, if_newer_than: Option<Revision>) -> Option<Fetched<Bytes>> {
+        let topics = lock(&self.topics);
+        let t = topics.get(topic)?;
+        let (revision, data) = t.inlined.as_ref()?;
+        if t.seen.is_some_and(|seen| seen > *revision) {
+            // A newer revision was announced without its snapshot.
+            return None;
+        }
+        Some(if if_newer_than.is_some_and(|known| known >= *revision) {
+            Fetched::NotModified {
+                revision: *revision,
+            }
+        } else {
+            Fetched::Snapshot(SnapshotEnvelope::new(*revision, data.clone()))
+        })
+    }
+
     fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
         lock(&self.topics)
             .get(topic)
@@ -471,12 +505,18 @@ impl Shared {
             .collect()
     }
 
-    /// Hands an invalidation to the topic's sinks, outside every lock.
-    fn deliver(&self, event: &InvalidationEvent) {
+    /// Hands an invalidation to the topic's sinks, outside every lock,
+    /// after keeping the snapshot it carried for their fetches.
+    fn deliver(&self, event: &InvalidationEvent, snapshot: Option<(Revision, Bytes)>) {
         {
             let mut topics = lock(&self.topics);
             if let Some(t) = topics.get_mut(&event.topic) {
                 t.seen = t.seen.max(Some(event.revision));
+                if let Some(snapshot) = snapshot
+                    && t.inlined.as_ref().is_none_or(|(at, _)| snapshot.0 > *at)
+                {
+                    t.inlined = Some(snapshot);
+                }
             }
         }
         for sink in self.sinks_of(&event.topic) {
@@ -490,6 +530,7 @@ impl Shared {
         let message = ClientMessage::Subscribe {
             id,
             topic: topic.as_str().to_owned(),
+            inline: self.options.inline_snapshots,
         };
         match self.request(id, &message).await? {
             ServerMessage::Subscribed { revision, .. } => {
@@ -503,7 +544,7 @@ impl Shared {
                 if newer {
                     // The probe found a revision no invalidation announced.
                     tracing::warn!(%topic, %revision, "missed an invalidation; refreshing");
-                    self.deliver(&InvalidationEvent::new(topic.clone(), revision));
+                    self.deliver(&InvalidationEvent::new(topic.clone(), revision), None);
                 }
                 Ok(())
             }
@@ -730,6 +771,10 @@ async fn serve(
     };
     resubscribe.abort();
     *lock(&shared.outgoing) = None;
+    // What this connection carried may be stale on the next one.
+    for topic in lock(&shared.topics).values_mut() {
+        topic.inlined = None;
+    }
     // Fail every request still waiting.
     lock(&shared.waiting).clear();
     if !closed.is_cancelled() {
@@ -769,10 +814,14 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
             topic,
             revision,
             source_id,
+            snapshot,
         } => {
             let mut event = InvalidationEvent::new(topic.clone(), *revision);
             event.source_id.clone_from(source_id);
-            shared.deliver(&event);
+            let snapshot = snapshot
+                .as_ref()
+                .map(|s| (s.revision, Bytes::copy_from_slice(s.data.get().as_bytes())));
+            shared.deliver(&event, snapshot);
             return;
         }
         ServerMessage::Welcome { .. } => return,
@@ -918,19 +967,28 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
         let client = self.client.clone();
         let request = request.clone();
         async move {
-            let fetched = client
-                .fetch(request.topic.as_str(), request.if_newer_than)
-                .await
-                .map_err(|e| match e {
-                    ClientError::Server {
-                        code: ErrorCode::InvalidRevision,
-                        ..
-                    } => FetchError::Protocol(
-                        ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
-                            .with_topic(request.topic.clone()),
-                    ),
-                    other => FetchError::unavailable(other),
-                })?;
+            let inlined = client
+                .inner
+                .shared
+                .inlined(&request.topic, request.if_newer_than);
+            let fetched = match inlined {
+                Some(fetched) => Ok(fetched),
+                None => {
+                    client
+                        .fetch(request.topic.as_str(), request.if_newer_than)
+                        .await
+                }
+            };
+            let fetched = fetched.map_err(|e| match e {
+                ClientError::Server {
+                    code: ErrorCode::InvalidRevision,
+                    ..
+                } => FetchError::Protocol(
+                    ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
+                        .with_topic(request.topic.clone()),
+                ),
+                other => FetchError::unavailable(other),
+            })?;
             Ok(match fetched {
                 Fetched::Snapshot(snapshot) => {
                     let data = serde_json::from_slice(&snapshot.data).map_err(|e| {

@@ -41,6 +41,10 @@ pub enum ClientMessage {
         id: u64,
         /// The topic.
         topic: String,
+        /// Whether invalidations may carry the topic's snapshot when it is
+        /// small, saving the fetch that follows (default `false`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        inline: bool,
     },
     /// Stop receiving invalidations for `topic`.
     Unsubscribe {
@@ -110,6 +114,10 @@ pub enum ServerMessage {
         /// The writer, when it gave one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source_id: Option<String>,
+        /// The topic's snapshot (at `revision` or newer), on subscriptions
+        /// made with `inline` when it is small enough.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<InlineSnapshot>,
     },
     /// The answer to `subscribe`: subscribed, and the current revision.
     Subscribed {
@@ -174,6 +182,15 @@ pub enum ServerMessage {
     },
 }
 
+/// A snapshot carried by an invalidation: `{revision, data}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InlineSnapshot {
+    /// The snapshot's revision, at least the invalidation's.
+    pub revision: Revision,
+    /// The value, as the hub encoded it.
+    pub data: Box<RawValue>,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SetFields {
@@ -197,23 +214,40 @@ struct SnapshotFields {
 /// Decodes `frame` as `M`, except that a frame of type `raw_kind` (whose
 /// raw `data` serde cannot carry through an internally tagged enum) is
 /// decoded as the plain struct `F` and converted.
-fn decode_with_raw<M, F>(frame: &[u8], raw_kind: &str) -> Result<M, serde_json::Error>
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InvalidationFields {
+    topic: Topic,
+    revision: Revision,
+    #[serde(default)]
+    source_id: Option<String>,
+    #[serde(default)]
+    snapshot: Option<InlineSnapshot>,
+}
+
+/// Whether `frame`'s `type` is `kind`. Frames written with `type` first (as
+/// this crate writes them) are classified without a second parse.
+fn is_kind(frame: &[u8], kind: &str) -> Result<bool, serde_json::Error> {
+    Ok(match frame.strip_prefix(br#"{"type":""#) {
+        Some(rest) => rest
+            .strip_prefix(kind.as_bytes())
+            .is_some_and(|after| after.first() == Some(&b'"')),
+        None => serde_json::from_slice::<Envelope>(frame)?.kind == kind,
+    })
+}
+
+/// Decodes `frame` through `F` when it is a `kind` message (one carrying
+/// raw JSON, which `serde` cannot borrow through an internally tagged
+/// enum), else returns `None`.
+fn decode_raw<M, F>(frame: &[u8], kind: &str) -> Option<Result<M, serde_json::Error>>
 where
-    M: serde::de::DeserializeOwned + From<F>,
+    M: From<F>,
     F: serde::de::DeserializeOwned,
 {
-    // Frames written with `type` first (as this crate writes them) are
-    // classified without a second parse.
-    let is_raw = match frame.strip_prefix(br#"{"type":""#) {
-        Some(rest) => rest
-            .strip_prefix(raw_kind.as_bytes())
-            .is_some_and(|after| after.first() == Some(&b'"')),
-        None => serde_json::from_slice::<Envelope>(frame)?.kind == raw_kind,
-    };
-    if is_raw {
-        serde_json::from_slice::<F>(frame).map(M::from)
-    } else {
-        serde_json::from_slice(frame)
+    match is_kind(frame, kind) {
+        Ok(true) => Some(serde_json::from_slice::<F>(frame).map(M::from)),
+        Ok(false) => None,
+        Err(e) => Some(Err(e)),
     }
 }
 
@@ -225,6 +259,17 @@ impl From<SetFields> for ClientMessage {
             data: f.data,
             expected_revision: f.expected_revision,
             source_id: f.source_id,
+        }
+    }
+}
+
+impl From<InvalidationFields> for ServerMessage {
+    fn from(f: InvalidationFields) -> Self {
+        ServerMessage::Invalidation {
+            topic: f.topic,
+            revision: f.revision,
+            source_id: f.source_id,
+            snapshot: f.snapshot,
         }
     }
 }
@@ -247,7 +292,7 @@ impl ClientMessage {
     ///
     /// Not JSON, an unknown `type`, or missing and ill-typed fields.
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
-        decode_with_raw::<Self, SetFields>(frame, "set")
+        decode_raw::<Self, SetFields>(frame, "set").unwrap_or_else(|| serde_json::from_slice(frame))
     }
 }
 
@@ -259,7 +304,9 @@ impl ServerMessage {
     /// Not JSON, an unknown `type`, or missing and ill-typed fields
     /// (including non-canonical revisions).
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
-        decode_with_raw::<Self, SnapshotFields>(frame, "snapshot")
+        decode_raw::<Self, SnapshotFields>(frame, "snapshot")
+            .or_else(|| decode_raw::<Self, InvalidationFields>(frame, "invalidation"))
+            .unwrap_or_else(|| serde_json::from_slice(frame))
     }
 }
 
@@ -383,6 +430,38 @@ pub(crate) fn encode_snapshot(id: u64, topic: &Topic, revision: Revision, data: 
 }
 
 /// An error message.
+/// An invalidation frame; with `snapshot`, the topic's encoded snapshot is
+/// spliced in as is.
+pub(crate) fn encode_invalidation(
+    topic: &Topic,
+    revision: Revision,
+    source_id: Option<&str>,
+    snapshot: Option<(Revision, &[u8])>,
+) -> Bytes {
+    let json_string = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let topic = json_string(topic.as_str());
+    let data_len = snapshot.map_or(0, |(_, data)| data.len() + 48);
+    let mut out = BytesMut::with_capacity(96 + topic.len() + data_len);
+    out.put_slice(br#"{"type":"invalidation","topic":"#);
+    out.put_slice(topic.as_bytes());
+    out.put_slice(br#","revision":""#);
+    out.put_slice(revision.to_string().as_bytes());
+    out.put_u8(b'"');
+    if let Some(source_id) = source_id {
+        out.put_slice(br#","sourceId":"#);
+        out.put_slice(json_string(source_id).as_bytes());
+    }
+    if let Some((at, data)) = snapshot {
+        out.put_slice(br#","snapshot":{"revision":""#);
+        out.put_slice(at.to_string().as_bytes());
+        out.put_slice(br#"","data":"#);
+        out.put_slice(data);
+        out.put_u8(b'}');
+    }
+    out.put_u8(b'}');
+    out.freeze()
+}
+
 pub(crate) fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Bytes {
     encode(&ServerMessage::Error {
         id,
@@ -410,6 +489,44 @@ mod tests {
         };
         assert_eq!((id, t, revision), (7, topic, Revision::new(42)));
         assert_eq!(data.get(), r#"{"a":[1,"\u00e9"]}"#);
+    }
+
+    #[test]
+    fn invalidations_encode_with_and_without_an_inline_snapshot() {
+        let topic = Topic::new("t").unwrap();
+        let plain = encode_invalidation(&topic, Revision::new(5), None, None);
+        assert_eq!(
+            &plain[..],
+            br#"{"type":"invalidation","topic":"t","revision":"5"}"#
+        );
+        let inline = encode_invalidation(
+            &topic,
+            Revision::new(5),
+            Some("w\"1"),
+            Some((Revision::new(6), br#"{"x":[1]}"#)),
+        );
+        let ServerMessage::Invalidation {
+            topic: t,
+            revision,
+            source_id,
+            snapshot: Some(snapshot),
+        } = ServerMessage::decode(&inline).unwrap()
+        else {
+            panic!("not an invalidation with a snapshot");
+        };
+        assert_eq!((t, revision), (topic, Revision::new(5)));
+        assert_eq!(source_id.as_deref(), Some("w\"1"));
+        assert_eq!(snapshot.revision, Revision::new(6));
+        assert_eq!(snapshot.data.get(), r#"{"x":[1]}"#);
+        // Written by another implementation: fields in any order.
+        let foreign = br#"{"revision":"7","snapshot":{"data":2,"revision":"7"},"type":"invalidation","topic":"t"}"#;
+        assert!(matches!(
+            ServerMessage::decode(foreign).unwrap(),
+            ServerMessage::Invalidation { snapshot: Some(s), .. } if s.data.get() == "2"
+        ));
+        // A non-canonical revision is rejected, inline or not.
+        let bad = br#"{"type":"invalidation","topic":"t","revision":"7","snapshot":{"revision":"07","data":1}}"#;
+        assert!(ServerMessage::decode(bad).is_err());
     }
 
     #[test]

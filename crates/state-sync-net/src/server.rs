@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// Whether `set` on an unknown topic creates it as a JSON topic
     /// (default `true`).
     pub create_topics: bool,
+    /// Largest snapshot carried inside an invalidation, for subscriptions
+    /// that ask for it (default 16 KiB; `0` never inlines). Inlining saves
+    /// each replica a fetch round trip; larger snapshots are fetched.
+    pub inline_snapshot_max_bytes: usize,
     /// Sent in `welcome`.
     pub server_id: String,
 }
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             create_topics: true,
+            inline_snapshot_max_bytes: 16 * 1024,
             server_id: "state-sync".into(),
         }
     }
@@ -77,10 +82,15 @@ pub struct ServerStats {
     /// Invalidations replaced by a newer one for the same topic before
     /// being written (slow readers).
     pub invalidations_coalesced: u64,
-    /// Snapshots written.
+    /// Snapshots written in answer to `get`.
     pub snapshots_sent: u64,
-    /// Bytes of snapshot data written.
+    /// Bytes of snapshot data written in answer to `get`.
     pub snapshot_bytes_sent: u64,
+    /// Snapshots written inside invalidations (see
+    /// [`ServerConfig::inline_snapshot_max_bytes`]).
+    pub snapshots_inlined: u64,
+    /// Bytes of snapshot data written inside invalidations.
+    pub snapshot_bytes_inlined: u64,
     /// Writes committed.
     pub writes: u64,
 }
@@ -142,6 +152,8 @@ struct Counters {
     invalidations_coalesced: AtomicU64,
     snapshots_sent: AtomicU64,
     snapshot_bytes_sent: AtomicU64,
+    snapshots_inlined: AtomicU64,
+    snapshot_bytes_inlined: AtomicU64,
     writes: AtomicU64,
 }
 
@@ -355,6 +367,8 @@ impl Server {
             invalidations_coalesced: c.invalidations_coalesced.load(Ordering::Relaxed),
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
+            snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
+            snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
         }
     }
@@ -392,14 +406,23 @@ fn set_owner_only(path: &Path) -> io::Result<()> {
 
 /// One connection's outgoing invalidation frames: the newest per topic.
 struct Connection {
-    pending: Mutex<HashMap<Topic, Bytes>>,
+    pending: Mutex<HashMap<Topic, Pending>>,
     wake: Notify,
+}
+
+/// An invalidation frame waiting to be written, shared by every connection
+/// it goes to.
+#[derive(Clone)]
+struct Pending {
+    frame: Bytes,
+    /// Bytes of snapshot data the frame carries (0: none).
+    inlined: usize,
 }
 
 impl Connection {
     /// Called inside the hub's publish: never blocks.
-    fn push(&self, topic: &Topic, frame: Bytes, counters: &Counters) {
-        let replaced = lock(&self.pending).insert(topic.clone(), frame).is_some();
+    fn push(&self, topic: &Topic, pending: Pending, counters: &Counters) {
+        let replaced = lock(&self.pending).insert(topic.clone(), pending).is_some();
         if replaced {
             counters
                 .invalidations_coalesced
@@ -409,7 +432,14 @@ impl Connection {
     }
 }
 
-type Members = Arc<Mutex<HashMap<u64, Arc<Connection>>>>;
+/// A connection subscribed to a topic, and whether it asked for inline
+/// snapshots.
+struct Member {
+    connection: Arc<Connection>,
+    inline: bool,
+}
+
+type Members = Arc<Mutex<HashMap<u64, Member>>>;
 
 /// The server's subscription to one topic: each invalidation is encoded
 /// once and its frame handed to every connection subscribed to the topic.
@@ -424,24 +454,55 @@ impl Shared {
         &self,
         topic: &Topic,
         id: u64,
-        connection: Arc<Connection>,
+        member: Member,
     ) -> Result<(), state_sync::BoxError> {
         if let Some(fanout) = lock(&self.fanouts).get(topic) {
-            lock(&fanout.members).insert(id, connection);
+            lock(&fanout.members).insert(id, member);
             return Ok(());
         }
         let members: Members = Arc::default();
         let sink = {
             let members = members.clone();
             let counters = self.counters.clone();
+            let hub = self.hub.clone();
+            let inline_max = self.config.inline_snapshot_max_bytes;
             InvalidationSink::from_fn(topic.clone(), move |event| {
-                let frame = protocol::encode(&ServerMessage::Invalidation {
-                    topic: event.topic.clone(),
-                    revision: event.revision,
-                    source_id: event.source_id.clone(),
-                });
-                for connection in lock(&members).values() {
-                    connection.push(&event.topic, frame.clone(), &counters);
+                let source_id = event.source_id.as_deref();
+                let plain = || Pending {
+                    frame: protocol::encode_invalidation(
+                        &event.topic,
+                        event.revision,
+                        source_id,
+                        None,
+                    ),
+                    inlined: 0,
+                };
+                // The current snapshot: at this revision or newer, as a
+                // batch of commits is announced one by one.
+                let with_snapshot = || match hub.get_json(&event.topic) {
+                    Ok(s) if s.revision >= event.revision && s.data.len() <= inline_max => {
+                        Pending {
+                            frame: protocol::encode_invalidation(
+                                &event.topic,
+                                event.revision,
+                                source_id,
+                                Some((s.revision, &s.data)),
+                            ),
+                            inlined: s.data.len(),
+                        }
+                    }
+                    _ => plain(),
+                };
+                let (mut plain_frame, mut inline_frame) = (None, None);
+                for member in lock(&members).values() {
+                    let pending = if member.inline {
+                        inline_frame.get_or_insert_with(with_snapshot)
+                    } else {
+                        plain_frame.get_or_insert_with(plain)
+                    };
+                    member
+                        .connection
+                        .push(&event.topic, pending.clone(), &counters);
                 }
             })
         };
@@ -452,7 +513,7 @@ impl Shared {
             members,
             _subscription: subscription,
         });
-        lock(&fanout.members).insert(id, connection);
+        lock(&fanout.members).insert(id, member);
         Ok(())
     }
 
@@ -611,11 +672,17 @@ async fn write_loop(
                 None => break,
             },
             () = connection.wake.notified() => {
-                let frames: Vec<Bytes> =
-                    lock(&connection.pending).drain().map(|(_, frame)| frame).collect();
+                let frames: Vec<Pending> =
+                    lock(&connection.pending).drain().map(|(_, pending)| pending).collect();
                 let mut result = Ok(());
-                for frame in frames {
+                for Pending { frame, inlined } in frames {
                     counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                    if inlined > 0 {
+                        counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .snapshot_bytes_inlined
+                            .fetch_add(inlined as u64, Ordering::Relaxed);
+                    }
                     result = sink.feed(frame).await;
                     if result.is_err() {
                         break;
@@ -703,7 +770,9 @@ impl Session {
                 "already said hello",
             )),
             ClientMessage::Ping { id } => Ok(protocol::encode(&ServerMessage::Pong { id })),
-            ClientMessage::Subscribe { id, topic } => self.subscribe(id, &topic).await,
+            ClientMessage::Subscribe { id, topic, inline } => {
+                self.subscribe(id, &topic, inline).await
+            }
             ClientMessage::Unsubscribe { id, topic } => {
                 let topic = parse_topic(id, &topic)?;
                 if self.subscriptions.remove(&topic) {
@@ -745,20 +814,23 @@ impl Session {
         Ok(topic)
     }
 
-    async fn subscribe(&mut self, id: u64, topic: &str) -> Answer {
+    async fn subscribe(&mut self, id: u64, topic: &str, inline: bool) -> Answer {
         let topic = self.readable(id, topic)?;
         let current = self
             .shared
             .hub
             .get_json(&topic)
             .map_err(|e| hub_error(id, &e))?;
-        if !self.subscriptions.contains(&topic) {
-            self.shared
-                .join(&topic, self.id, self.connection.clone())
-                .await
-                .map_err(|e| protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string()))?;
-            self.subscriptions.insert(topic.clone());
-        }
+        // Subscribing again (the client's probe) may change `inline`.
+        let member = Member {
+            connection: self.connection.clone(),
+            inline,
+        };
+        self.shared
+            .join(&topic, self.id, member)
+            .await
+            .map_err(|e| protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string()))?;
+        self.subscriptions.insert(topic.clone());
         Ok(protocol::encode(&ServerMessage::Subscribed {
             id,
             topic,
