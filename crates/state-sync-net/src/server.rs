@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 #[cfg(unix)]
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -725,34 +726,45 @@ impl Session {
     ) -> Option<Bytes> {
         let shared = self.shared.clone();
         let config = &shared.config;
+        // One timer for the connection, pushed back lazily: arming a new
+        // one for every frame costs more than the frame's own work.
+        let mut heard = Instant::now();
+        let idle = tokio::time::sleep(config.idle_timeout);
+        tokio::pin!(idle);
         loop {
             let next = tokio::select! {
                 () = shared.shutdown.cancelled() => {
                     return Some(protocol::error(None, ErrorCode::ShuttingDown, "server is shutting down"));
                 }
-                next = tokio::time::timeout(config.idle_timeout, frames.next()) => next,
-            };
-            let frame = match next {
-                Err(_) => {
-                    return Some(protocol::error(
-                        None,
-                        ErrorCode::IdleTimeout,
-                        "no message within the idle timeout",
-                    ));
+                () = &mut idle => {
+                    let deadline = heard + config.idle_timeout;
+                    if deadline <= Instant::now() {
+                        return Some(protocol::error(
+                            None,
+                            ErrorCode::IdleTimeout,
+                            "no message within the idle timeout",
+                        ));
+                    }
+                    idle.as_mut().reset(deadline);
+                    continue;
                 }
-                Ok(None | Some(Err(FrameError::Closed))) => return None,
-                Ok(Some(Err(FrameError::TooLarge))) => {
+                next = frames.next() => next,
+            };
+            heard = Instant::now();
+            let frame = match next {
+                None | Some(Err(FrameError::Closed)) => return None,
+                Some(Err(FrameError::TooLarge)) => {
                     return Some(protocol::error(
                         None,
                         ErrorCode::TooLarge,
                         format!("frame larger than {} bytes", config.max_frame_bytes),
                     ));
                 }
-                Ok(Some(Err(FrameError::Io(e)))) => {
+                Some(Err(FrameError::Io(e))) => {
                     tracing::debug!(error = %e, "read failed");
                     return None;
                 }
-                Ok(Some(Ok(frame))) => frame,
+                Some(Ok(frame)) => frame,
             };
             let answer = self.handle(&frame).await.unwrap_or_else(|error| error);
             if answers.send(answer).await.is_err() {

@@ -505,3 +505,71 @@ async fn shutdown_finishes_the_write_in_flight() {
         (revision, &br#"{"saved":true}"#[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", String::new).await.unwrap();
+    let config = ServerConfig {
+        inline_snapshot_max_bytes: 64,
+        ..ServerConfig::default()
+    };
+    let (server, path, _dir) = served(hub, config, AccessConfig::open()).await;
+
+    // On the wire: only a subscription that asks gets the snapshot.
+    let mut asks = raw(&path).await;
+    let mut plain = raw(&path).await;
+    for (conn, subscribe) in [
+        (&mut asks, r#"{"type":"subscribe","id":1,"topic":"doc","inline":true}"#),
+        (&mut plain, r#"{"type":"subscribe","id":1,"topic":"doc"}"#),
+    ] {
+        hello(conn, None).await;
+        assert_eq!(recv_after(conn, subscribe).await["type"], "subscribed");
+    }
+    let small = doc.replace("small".to_owned()).await.unwrap();
+    let with_snapshot = recv(&mut asks).await;
+    assert_eq!(with_snapshot["revision"], small.to_string());
+    assert_eq!(
+        with_snapshot["snapshot"],
+        json!({"revision": small.to_string(), "data": "small"})
+    );
+    let without = recv(&mut plain).await;
+    assert_eq!(without["revision"], small.to_string());
+    assert!(without.get("snapshot").is_none(), "{without}");
+    let large = doc.replace("L".repeat(100)).await.unwrap();
+    let too_large = recv(&mut asks).await;
+    assert_eq!(too_large["revision"], large.to_string());
+    assert!(too_large.get("snapshot").is_none(), "{too_large}");
+    drop((asks, plain));
+
+    // Through the client: small writes apply without a single fetch.
+    let client = Client::connect(Endpoint::Unix(path), options("inline"));
+    client.wait_connected().await;
+    let remote = client.topic::<String>("doc").unwrap();
+    let recorder = Recorder::with_data();
+    let handle = SyncHandle::builder(
+        remote.topic().clone(),
+        remote.clone(),
+        remote,
+        recorder.clone(),
+    )
+    .build();
+    handle.start().await.unwrap();
+    let fetched = server.stats().snapshots_sent;
+    for i in 0..50 {
+        let at = doc.replace(format!("v{i}")).await.unwrap();
+        handle.wait_for_revision(at).await.unwrap();
+    }
+    assert_eq!(recorder.last_data().as_deref(), Some("v49"));
+    let stats = server.stats();
+    assert_eq!(stats.snapshots_sent, fetched, "{stats:?}");
+    assert!(stats.snapshots_inlined >= 50, "{stats:?}");
+
+    // A snapshot over the limit is fetched.
+    let last = doc.replace("L".repeat(100)).await.unwrap();
+    handle.wait_for_revision(last).await.unwrap();
+    assert_eq!(recorder.last_data(), Some("L".repeat(100)));
+    assert_eq!(server.stats().snapshots_sent, fetched + 1);
+    assert!(recorder.is_strictly_increasing());
+    server.shutdown().await;
+}

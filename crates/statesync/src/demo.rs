@@ -176,7 +176,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     );
     println!("hub restarts          1 (SIGKILL mid-stream, same store)");
     println!(
-        "replica fetches       {} snapshots pulled and applied by {} replicas for {} revisions (invalidations coalesce)",
+        "replica applies       {} snapshots applied by {} replicas for {} revisions (invalidations coalesce)",
         fetched.load(Ordering::Relaxed),
         args.replicas,
         total + 1
