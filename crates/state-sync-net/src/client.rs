@@ -30,8 +30,9 @@ use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage}
 pub enum Endpoint {
     /// A Unix socket path (Unix only).
     Unix(PathBuf),
-    /// A Windows named pipe, e.g. `\\.\pipe\state-sync` (Windows only).
-    NamedPipe(String),
+    /// A named local socket (see `Server::listen_local`): a named pipe on
+    /// Windows, an abstract-namespace socket on Linux.
+    Local(String),
     /// A WebSocket URL, e.g. `ws://127.0.0.1:7700`.
     WebSocket(String),
 }
@@ -40,7 +41,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
-            Endpoint::NamedPipe(name) => write!(f, "pipe:{name}"),
+            Endpoint::Local(name) => write!(f, "local:{name}"),
             Endpoint::WebSocket(url) => f.write_str(url),
         }
     }
@@ -600,7 +601,7 @@ enum Failure {
     Refused(String),
 }
 
-/// Connects to a local endpoint: a Unix socket, or a Windows named pipe.
+/// Connects to a local endpoint: a Unix socket or a named local socket.
 async fn local_stream(
     endpoint: &Endpoint,
     max: usize,
@@ -615,19 +616,16 @@ async fn local_stream(
             let (read, write) = stream.into_split();
             Ok(frames::length_delimited(read, write, max))
         }
-        #[cfg(windows)]
-        Endpoint::NamedPipe(name) => {
-            const ERROR_PIPE_BUSY: i32 = 231;
-            let pipe = loop {
-                match tokio::net::windows::named_pipe::ClientOptions::new().open(name) {
-                    Ok(pipe) => break pipe,
-                    Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Err(e) => return Err(retry(&e)),
-                }
-            };
-            let (read, write) = tokio::io::split(pipe);
+        Endpoint::Local(name) => {
+            use interprocess::local_socket::GenericNamespaced;
+            use interprocess::local_socket::tokio::{Stream, prelude::*};
+            let name = name
+                .as_str()
+                .to_ns_name::<GenericNamespaced>()
+                .map_err(|e| Failure::Refused(format!("bad local socket name: {e}")))?;
+            // A busy Windows pipe fails at once; the reconnect loop retries.
+            let stream = Stream::connect(name).await.map_err(|e| retry(&e))?;
+            let (read, write) = tokio::io::split(stream);
             Ok(frames::length_delimited(read, write, max))
         }
         other => Err(Failure::Refused(format!(
@@ -641,7 +639,7 @@ async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
     let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
     let max = shared.options.max_frame_bytes;
     let (mut frames, mut sink) = match &shared.endpoint {
-        Endpoint::Unix(_) | Endpoint::NamedPipe(_) => local_stream(&shared.endpoint, max).await?,
+        Endpoint::Unix(_) | Endpoint::Local(_) => local_stream(&shared.endpoint, max).await?,
         Endpoint::WebSocket(url) => {
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                 .max_message_size(Some(max))

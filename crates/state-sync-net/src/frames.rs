@@ -34,7 +34,7 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// Length-delimited frames over a byte stream (Unix socket, named pipe).
+/// Length-delimited frames over a byte stream (Unix socket, named local socket).
 pub(crate) fn length_delimited<R, W>(
     read: R,
     write: W,

@@ -1,13 +1,14 @@
 //! state-sync between processes and machines.
 //!
 //! - A versioned JSON [`protocol`] (see `docs/PROTOCOL.md`):
-//!   length-delimited frames over Unix sockets, text frames over WebSocket;
-//!   many topics over one connection; every error with a stable
-//!   [`ErrorCode`].
+//!   length-delimited frames over Unix sockets and named local sockets
+//!   (Windows named pipes), text frames over WebSocket; many topics over
+//!   one connection; every error with a stable [`ErrorCode`].
 //! - [`Server`] serves a [`Hub`](state_sync_hub::Hub): tokens compared in
 //!   constant time, per-topic read/write permissions ([`AccessConfig`]),
 //!   frame and snapshot size limits, idle timeout, at most one pending
-//!   invalidation per topic and connection, graceful shutdown.
+//!   invalidation per topic and connection, graceful shutdown. Small
+//!   snapshots ride inside invalidations, saving each replica a fetch.
 //! - [`Client`] is one reconnecting connection per process and hub; each
 //!   [`RemoteTopic`] is the [`Subscriber`](state_sync::Subscriber) and
 //!   [`Provider`](state_sync::Provider) of an engine handle, with

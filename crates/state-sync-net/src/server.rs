@@ -198,7 +198,8 @@ impl Server {
     }
 
     /// Listens on a Unix socket at `path` (mode `0600`: only this user can
-    /// connect). Unix only; Windows has `listen_named_pipe`. A stale socket file from a crashed server is replaced; a
+    /// connect). Unix only; [`listen_local`](Self::listen_local) works
+    /// everywhere. A stale socket file from a crashed server is replaced; a
     /// live one is an error. Returns the path.
     ///
     /// # Errors
@@ -246,51 +247,47 @@ impl Server {
         Ok(path)
     }
 
-    /// Listens on a Windows named pipe, e.g. `\\.\pipe\state-sync`
-    /// (local clients only). Windows only. Returns the name.
+    /// Listens on a named local socket, through `interprocess`: a named
+    /// pipe `\\.\pipe\<name>` on Windows, a socket in the abstract
+    /// namespace on Linux (no file), a socket file under `/tmp` on other
+    /// Unix systems. The same code serves on every platform. Unlike
+    /// [`listen_unix`](Self::listen_unix), no file permission limits who
+    /// connects: configure tokens. Returns the name.
     ///
     /// # Errors
     ///
-    /// Creating the pipe fails (e.g. another server owns the name).
-    #[cfg(windows)]
-    pub async fn listen_named_pipe(&self, name: impl Into<String>) -> io::Result<String> {
-        use tokio::net::windows::named_pipe::ServerOptions;
-        let name = name.into();
-        let mut pipe = ServerOptions::new()
-            .first_pipe_instance(true)
-            .reject_remote_clients(true)
-            .create(&name)?;
-        tracing::info!(%name, "listening on named pipe");
+    /// The name is invalid, or another server listens on it.
+    pub async fn listen_local(&self, name: &str) -> io::Result<String> {
+        use interprocess::local_socket::tokio::prelude::*;
+        use interprocess::local_socket::{GenericNamespaced, ListenerOptions};
+        let listener = ListenerOptions::new()
+            .name(name.to_ns_name::<GenericNamespaced>()?)
+            .create_tokio()?;
+        tracing::info!(%name, "listening on local socket");
         let shared = self.shared.clone();
-        let pipe_name = name.clone();
         self.shared.tasks.spawn(async move {
             loop {
-                let connected = tokio::select! {
+                let accepted = tokio::select! {
                     () = shared.shutdown.cancelled() => break,
-                    connected = pipe.connect() => connected,
+                    accepted = listener.accept() => accepted,
                 };
-                if let Err(e) = connected {
-                    tracing::warn!(error = %e, "named pipe connect failed");
-                    continue;
-                }
-                // A new instance waits for the next client.
-                let next = match ServerOptions::new().create(&pipe_name) {
-                    Ok(next) => next,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot create the next pipe instance");
-                        break;
+                match accepted {
+                    Ok(stream) => {
+                        let (read, write) = tokio::io::split(stream);
+                        let (frames, sink) =
+                            frames::length_delimited(read, write, shared.config.max_frame_bytes);
+                        shared
+                            .tasks
+                            .spawn(serve(shared.clone(), frames, sink, "local".into()));
                     }
-                };
-                let stream = std::mem::replace(&mut pipe, next);
-                let (read, write) = tokio::io::split(stream);
-                let (frames, sink) =
-                    frames::length_delimited(read, write, shared.config.max_frame_bytes);
-                shared
-                    .tasks
-                    .spawn(serve(shared.clone(), frames, sink, "pipe".into()));
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
             }
         });
-        Ok(name)
+        Ok(name.to_owned())
     }
 
     /// Listens for WebSocket connections on `addr` (text frames, one JSON

@@ -520,7 +520,10 @@ async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
     let mut asks = raw(&path).await;
     let mut plain = raw(&path).await;
     for (conn, subscribe) in [
-        (&mut asks, r#"{"type":"subscribe","id":1,"topic":"doc","inline":true}"#),
+        (
+            &mut asks,
+            r#"{"type":"subscribe","id":1,"topic":"doc","inline":true}"#,
+        ),
         (&mut plain, r#"{"type":"subscribe","id":1,"topic":"doc"}"#),
     ] {
         hello(conn, None).await;
@@ -572,4 +575,50 @@ async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
     assert_eq!(server.stats().snapshots_sent, fetched + 1);
     assert!(recorder.is_strictly_increasing());
     server.shutdown().await;
+}
+
+/// `listen_local` is the named pipe of Windows; on Linux the same code runs
+/// over an abstract-namespace socket, so it is exercised here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_local_socket_serves_like_a_unix_socket() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let server = Server::new(hub);
+    let name = format!("state-sync-test-{}", std::process::id());
+    assert_eq!(server.listen_local(&name).await.unwrap(), name);
+    // The name is taken while the server listens.
+    let error = Server::new(Hub::in_memory())
+        .listen_local(&name)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+
+    let client = Client::connect(Endpoint::Local(name.clone()), options("local"));
+    assert_eq!(client.wait_connected().await, ConnectionStatus::Connected);
+    assert_eq!(
+        Endpoint::Local(name.clone()).to_string(),
+        format!("local:{name}")
+    );
+    let (handle, recorder) = replica(&client, "doc").await;
+    let mut last = Revision::ZERO;
+    for i in 1..=100u64 {
+        last = if i % 2 == 0 {
+            doc.replace(i).await.unwrap()
+        } else {
+            client.set("doc", &i, None).await.unwrap()
+        };
+    }
+    handle.wait_for_revision(last).await.unwrap();
+    assert_eq!(recorder.last_data(), Some(100));
+    assert!(recorder.is_strictly_increasing());
+    let error = client
+        .set_json("doc", "\"not a number\"", None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(state_sync_net::ErrorCode::InvalidData));
+    server.shutdown().await;
+    // Shutdown gives the name back.
+    let next = Server::new(Hub::in_memory());
+    next.listen_local(&name).await.unwrap();
+    next.shutdown().await;
 }
