@@ -30,6 +30,10 @@ pub(crate) struct ServeArgs {
     /// `127.0.0.1:7700` (port 0 picks a free port).
     #[arg(long)]
     ws: Option<String>,
+    /// Also listen on a named local socket (a named pipe on Windows, an
+    /// abstract socket on Linux; no file permissions: use tokens).
+    #[arg(long, value_name = "NAME")]
+    local: Option<String>,
     /// Access rules: a TOML file with `[[clients]]` entries (token, read,
     /// write patterns).
     #[arg(long, env = "STATESYNC_ACCESS")]
@@ -119,10 +123,19 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         },
         None => None,
     };
+    if let Some(name) = &args.local
+        && let Err(e) = server.listen_local(name).await
+    {
+        return fail(
+            exit::FAILURE,
+            format!("cannot listen on local socket {name}: {e}"),
+        );
+    }
     let ready = serde_json::json!({
         "event": "listening",
         "socket": socket,
         "websocket": websocket,
+        "local": args.local,
         "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
     });
     println!("{ready}");
@@ -167,10 +180,11 @@ pub(crate) struct WatchArgs {
 }
 
 pub(crate) fn endpoint(hub: &HubArgs) -> Endpoint {
-    match (&hub.url, &hub.socket) {
-        (Some(url), _) => Endpoint::WebSocket(url.clone()),
-        (None, Some(socket)) => Endpoint::Unix(socket.clone()),
-        (None, None) => Endpoint::Unix(
+    match (&hub.url, &hub.local, &hub.socket) {
+        (Some(url), _, _) => Endpoint::WebSocket(url.clone()),
+        (None, Some(name), _) => Endpoint::Local(name.clone()),
+        (None, None, Some(socket)) => Endpoint::Unix(socket.clone()),
+        (None, None, None) => Endpoint::Unix(
             hub.data_dir
                 .clone()
                 .unwrap_or_else(default_data_dir)

@@ -52,7 +52,8 @@ enum Command {
     #[command(after_help = "Examples:
   statesync serve
   statesync serve --data-dir ./state --ws 127.0.0.1:7700 --token s3cret
-  statesync serve --access access.toml --log info")]
+  statesync serve --access access.toml --log info
+  statesync serve --local state-sync --token s3cret")]
     Serve(commands::ServeArgs),
     /// Print a topic's `{revision, data}` as JSON.
     #[command(after_help = "Examples:
@@ -85,11 +86,14 @@ enum Command {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct HubArgs {
     /// The hub's Unix socket (default: `hub.sock` in the data directory).
-    #[arg(long, env = "STATESYNC_SOCKET", conflicts_with = "url")]
+    #[arg(long, env = "STATESYNC_SOCKET", conflicts_with_all = ["url", "local"])]
     socket: Option<PathBuf>,
     /// The hub's WebSocket URL, e.g. `ws://127.0.0.1:7700`.
-    #[arg(long, env = "STATESYNC_URL")]
+    #[arg(long, env = "STATESYNC_URL", conflicts_with = "local")]
     url: Option<String>,
+    /// The hub's named local socket (`serve --local NAME`).
+    #[arg(long, value_name = "NAME")]
+    local: Option<String>,
     /// Access token.
     #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,

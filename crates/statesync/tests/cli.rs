@@ -201,6 +201,39 @@ fn serve_set_get_and_watch_round_trip_between_processes() {
 }
 
 #[test]
+fn set_and_get_over_a_named_local_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("statesync-cli-test-{}", std::process::id());
+    let _hub = HubProcess::start(dir.path(), &["--local", &name]);
+    let over_local = |args: &[&str]| {
+        let out = statesync()
+            .args(args)
+            .args(["--local", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let written = over_local(&["set", "settings", r#"{"theme":"dark"}"#]);
+    let got = over_local(&["get", "settings"]);
+    assert_eq!(got["revision"], written["revision"]);
+    assert_eq!(got["data"], json!({"theme": "dark"}));
+    // One way to reach the hub at a time.
+    let out = statesync()
+        .args([
+            "get",
+            "settings",
+            "--local",
+            &name,
+            "--url",
+            "ws://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn exit_codes_for_conflicts_bad_input_and_bad_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let hub = HubProcess::start(dir.path(), &["--token", "s3cret"]);
