@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! cargo run --release -p state-sync-net --example net_bench
-//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix pull   # one configuration
+//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix        # both modes
+//! cargo run --release -p state-sync-net --example net_bench -- 1000 unix pull   # one mode
 //! ```
 //!
 //! The server runs in a child process (this example, re-executed), so its
@@ -126,7 +127,7 @@ async fn run(
     transport: &str,
     replicas: usize,
     mode: &str,
-) -> Result<(), BoxError> {
+) -> Result<(f64, f64), BoxError> {
     let endpoint = match transport {
         "unix" => Endpoint::Unix(server.socket.clone().into()),
         _ => Endpoint::WebSocket(server.ws.clone()),
@@ -199,6 +200,7 @@ async fn run(
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (p50, p99) = (ms(pct(0.5)), ms(pct(0.99)));
     println!(
         "{}",
         json!({
@@ -207,8 +209,8 @@ async fn run(
             "mode": mode,
             "writes": WRITES,
             "rate_per_sec": RATE_PER_SEC,
-            "p50_ms": (ms(pct(0.5)) * 100.0).round() / 100.0,
-            "p99_ms": (ms(pct(0.99)) * 100.0).round() / 100.0,
+            "p50_ms": (p50 * 100.0).round() / 100.0,
+            "p99_ms": (p99 * 100.0).round() / 100.0,
             "max_ms": (ms(pct(1.0)) * 100.0).round() / 100.0,
             "fetches_per_write": (per_write(0) * 10.0).round() / 10.0,
             "inlined_per_write": (per_write(1) * 10.0).round() / 10.0,
@@ -221,7 +223,7 @@ async fn run(
     }
     drop(clients);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(())
+    Ok((p50, p99))
 }
 
 fn main() -> Result<(), BoxError> {
@@ -234,6 +236,11 @@ fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let configs: Vec<(usize, String, String)> = match args.as_slice() {
         [n, transport, mode] => vec![(n.parse()?, transport.clone(), mode.clone())],
+        [n, transport] => ["inline", "pull"]
+            .map(|mode| (n.parse(), transport.clone(), mode.to_owned()))
+            .into_iter()
+            .map(|(n, t, m)| Ok::<_, std::num::ParseIntError>((n?, t, m)))
+            .collect::<Result<_, _>>()?,
         _ => {
             let mut all = Vec::new();
             for n in [100, 1000] {
@@ -250,8 +257,27 @@ fn main() -> Result<(), BoxError> {
     runtime.block_on(async {
         let mut server = ServerProcess::start(dir.path())?;
         eprintln!("server RSS at start: {} MiB", server.rss_kib() / 1024);
+        let mut results = Vec::new();
         for (replicas, transport, mode) in configs {
-            run(&mut server, &transport, replicas, &mode).await?;
+            let latency = run(&mut server, &transport, replicas, &mode).await?;
+            results.push((replicas, transport, mode, latency));
+        }
+        // Inline against its baseline, pull, measured in this run.
+        for (replicas, transport, mode, (p50, p99)) in &results {
+            let baseline = results
+                .iter()
+                .find(|r| (r.0, &r.1, r.2.as_str()) == (*replicas, transport, "pull"));
+            if let (Some((.., (base50, base99))), "inline") = (baseline, mode.as_str()) {
+                println!(
+                    "{}",
+                    json!({
+                        "transport": transport,
+                        "replicas": replicas,
+                        "inline_over_pull_p50": (p50 / base50 * 100.0).round() / 100.0,
+                        "inline_over_pull_p99": (p99 / base99 * 100.0).round() / 100.0,
+                    })
+                );
+            }
         }
         Ok(())
     })

@@ -729,9 +729,13 @@ async fn serve(
         probe
     });
     let mut last_heard = tokio::time::Instant::now();
+    // Made once: a new one per frame would register and unregister a
+    // waiter each time.
+    let cancelled = closed.cancelled();
+    tokio::pin!(cancelled);
     let error = loop {
         tokio::select! {
-            () = closed.cancelled() => break "client closed".to_owned(),
+            () = &mut cancelled => break "client closed".to_owned(),
             frame = frames.next() => match frame {
                 Some(Ok(frame)) => {
                     last_heard = tokio::time::Instant::now();

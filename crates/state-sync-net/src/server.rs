@@ -662,6 +662,7 @@ async fn write_loop(
     mut answers: mpsc::Receiver<Bytes>,
 ) {
     let counters = &shared.counters;
+    let mut batch: Vec<Pending> = Vec::new();
     loop {
         let result = tokio::select! {
             biased;
@@ -670,10 +671,9 @@ async fn write_loop(
                 None => break,
             },
             () = connection.wake.notified() => {
-                let frames: Vec<Pending> =
-                    lock(&connection.pending).drain().map(|(_, pending)| pending).collect();
+                batch.extend(lock(&connection.pending).drain().map(|(_, pending)| pending));
                 let mut result = Ok(());
-                for Pending { frame, inlined } in frames {
+                for Pending { frame, inlined } in batch.drain(..) {
                     counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
                     if inlined > 0 {
                         counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
@@ -727,10 +727,11 @@ impl Session {
         // one for every frame costs more than the frame's own work.
         let mut heard = Instant::now();
         let idle = tokio::time::sleep(config.idle_timeout);
-        tokio::pin!(idle);
+        let shutdown = shared.shutdown.cancelled();
+        tokio::pin!(idle, shutdown);
         loop {
             let next = tokio::select! {
-                () = shared.shutdown.cancelled() => {
+                () = &mut shutdown => {
                     return Some(protocol::error(None, ErrorCode::ShuttingDown, "server is shutting down"));
                 }
                 () = &mut idle => {

@@ -320,13 +320,20 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
     let doc = hub.topic("doc", || 0u64).await.unwrap();
     let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
 
-    // Subscribes, then never reads again.
+    // Subscribe (one with inline snapshots, one without), then never read
+    // again.
     let mut deaf = raw(&path).await;
-    hello(&mut deaf, None).await;
-    assert_eq!(
-        recv_after(&mut deaf, r#"{"type":"subscribe","id":1,"topic":"doc"}"#).await["type"],
-        "subscribed"
-    );
+    let mut deaf_inline = raw(&path).await;
+    for (conn, subscribe) in [
+        (&mut deaf, r#"{"type":"subscribe","id":1,"topic":"doc"}"#),
+        (
+            &mut deaf_inline,
+            r#"{"type":"subscribe","id":1,"topic":"doc","inline":true}"#,
+        ),
+    ] {
+        hello(conn, None).await;
+        assert_eq!(recv_after(conn, subscribe).await["type"], "subscribed");
+    }
 
     let client = Client::connect(Endpoint::Unix(path), options("healthy"));
     client.wait_connected().await;
@@ -345,7 +352,7 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
     let stats = server.stats();
     assert!(stats.max_pending_per_connection <= 1, "{stats:?}");
     assert!(stats.invalidations_coalesced > 0, "{stats:?}");
-    drop(deaf);
+    drop((deaf, deaf_inline));
     server.shutdown().await;
 }
 
