@@ -80,6 +80,9 @@ pub struct ServerStats {
     pub max_pending_per_connection: usize,
     /// Invalidations written.
     pub invalidations_sent: u64,
+    /// Invalidation frames encoded: at most two per revision and topic
+    /// (with and without the inline snapshot), shared by every connection.
+    pub invalidation_frames_encoded: u64,
     /// Invalidations replaced by a newer one for the same topic before
     /// being written (slow readers).
     pub invalidations_coalesced: u64,
@@ -150,6 +153,7 @@ struct Shared {
 #[derive(Default)]
 struct Counters {
     invalidations_sent: AtomicU64,
+    invalidation_frames_encoded: AtomicU64,
     invalidations_coalesced: AtomicU64,
     snapshots_sent: AtomicU64,
     snapshot_bytes_sent: AtomicU64,
@@ -362,6 +366,7 @@ impl Server {
             pending_invalidations: pending.iter().sum(),
             max_pending_per_connection: pending.iter().copied().max().unwrap_or(0),
             invalidations_sent: c.invalidations_sent.load(Ordering::Relaxed),
+            invalidation_frames_encoded: c.invalidation_frames_encoded.load(Ordering::Relaxed),
             invalidations_coalesced: c.invalidations_coalesced.load(Ordering::Relaxed),
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
@@ -493,11 +498,21 @@ impl Shared {
                 };
                 let (mut plain_frame, mut inline_frame) = (None, None);
                 for member in lock(&members).values() {
-                    let pending = if member.inline {
-                        inline_frame.get_or_insert_with(with_snapshot)
+                    let frame = if member.inline {
+                        &mut inline_frame
                     } else {
-                        plain_frame.get_or_insert_with(plain)
+                        &mut plain_frame
                     };
+                    let pending = frame.get_or_insert_with(|| {
+                        counters
+                            .invalidation_frames_encoded
+                            .fetch_add(1, Ordering::Relaxed);
+                        if member.inline {
+                            with_snapshot()
+                        } else {
+                            plain()
+                        }
+                    });
                     member
                         .connection
                         .push(&event.topic, pending.clone(), &counters);

@@ -629,3 +629,48 @@ async fn a_named_local_socket_serves_like_a_unix_socket() {
     next.listen_local(&name).await.unwrap();
     next.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_revision_is_encoded_once_for_every_connection() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", || 0u64).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let mut clients = Vec::new();
+    let mut replicas = Vec::new();
+    for i in 0..8 {
+        let inline = i % 2 == 0;
+        let client = Client::connect(
+            Endpoint::Unix(path.clone()),
+            options(&format!("c{i}")).inline_snapshots(inline),
+        );
+        client.wait_connected().await;
+        replicas.push(replica(&client, "doc").await);
+        clients.push(client);
+    }
+    let before = server.stats();
+    let mut last = Revision::ZERO;
+    for i in 1..=50u64 {
+        last = doc.replace(i).await.unwrap();
+    }
+    for (handle, recorder) in &replicas {
+        handle.wait_for_revision(last).await.unwrap();
+        assert_eq!(recorder.last_data(), Some(50));
+    }
+    let after = server.stats();
+    // One frame with the snapshot and one without, per revision, for the
+    // four connections of each kind.
+    assert_eq!(
+        after.invalidation_frames_encoded - before.invalidation_frames_encoded,
+        100,
+        "{after:?}"
+    );
+    assert!(
+        after.invalidations_sent - before.invalidations_sent >= 8,
+        "{after:?}"
+    );
+    assert!(
+        after.snapshots_inlined > before.snapshots_inlined,
+        "{after:?}"
+    );
+    server.shutdown().await;
+}
