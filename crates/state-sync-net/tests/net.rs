@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use state_sync::testkit::Recorder;
 use state_sync::{Revision, SyncHandle};
-use state_sync_hub::Hub;
+use state_sync_hub::{Hub, HubTopic};
 use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
     Server, ServerConfig,
@@ -70,8 +70,11 @@ fn options(name: &str) -> ClientOptions {
     )
 }
 
-async fn replica(client: &Client, topic: &str) -> (SyncHandle, Recorder<u64>) {
-    let remote = client.topic::<u64>(topic).unwrap();
+async fn replica<T>(client: &Client, topic: &str) -> (SyncHandle, Recorder<T>)
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let remote = client.topic::<T>(topic).unwrap();
     let recorder = Recorder::with_data();
     let handle = SyncHandle::builder(
         remote.topic().clone(),
@@ -103,11 +106,34 @@ async fn served(
     (server, path, dir)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_over_unix_sockets_and_websocket_converge() {
+/// A server with defaults and open access for a hub with one `u64` topic,
+/// `doc`.
+async fn served_doc() -> (HubTopic<u64>, Server, PathBuf, tempfile::TempDir) {
     let hub = Hub::in_memory();
     let doc = hub.topic("doc", || 0u64).await.unwrap();
-    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let (server, path, dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    (doc, server, path, dir)
+}
+
+/// `count` clients on `path`, each with one replica of `doc`.
+async fn replicas_on(
+    path: &Path,
+    count: usize,
+    options_of: impl Fn(usize) -> ClientOptions,
+) -> Vec<(Client, SyncHandle, Recorder<u64>)> {
+    let mut replicas = Vec::with_capacity(count);
+    for i in 0..count {
+        let client = Client::connect(Endpoint::Unix(path.to_owned()), options_of(i));
+        client.wait_connected().await;
+        let (handle, recorder) = replica(&client, "doc").await;
+        replicas.push((client, handle, recorder));
+    }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_over_unix_sockets_and_websocket_converge() {
+    let (doc, server, path, _dir) = served_doc().await;
     let addr = server.listen_websocket("127.0.0.1:0").await.unwrap();
 
     let unix = Client::connect(Endpoint::Unix(path.clone()), options("unix"));
@@ -316,9 +342,7 @@ async fn an_idle_connection_is_closed_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
-    let hub = Hub::in_memory();
-    let doc = hub.topic("doc", || 0u64).await.unwrap();
-    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let (doc, server, path, _dir) = served_doc().await;
 
     // Subscribe (one with inline snapshots, one without), then never read
     // again.
@@ -358,17 +382,9 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_on_one_server() {
-    let hub = Hub::in_memory();
-    let doc = hub.topic("doc", || 0u64).await.unwrap();
-    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let (doc, server, path, _dir) = served_doc().await;
 
-    let mut replicas = Vec::new();
-    for i in 0..1000 {
-        let client = Client::connect(Endpoint::Unix(path.clone()), options(&format!("c{i}")));
-        client.wait_connected().await;
-        let (handle, recorder) = replica(&client, "doc").await;
-        replicas.push((client, handle, recorder));
-    }
+    let replicas = replicas_on(&path, 1000, |i| options(&format!("c{i}"))).await;
     assert_eq!(server.stats().connections, 1000);
     let last = doc.replace(42).await.unwrap();
     for (_, handle, recorder) in &replicas {
@@ -555,16 +571,7 @@ async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
     // Through the client: small writes apply without a single fetch.
     let client = Client::connect(Endpoint::Unix(path), options("inline"));
     client.wait_connected().await;
-    let remote = client.topic::<String>("doc").unwrap();
-    let recorder = Recorder::with_data();
-    let handle = SyncHandle::builder(
-        remote.topic().clone(),
-        remote.clone(),
-        remote,
-        recorder.clone(),
-    )
-    .build();
-    handle.start().await.unwrap();
+    let (handle, recorder) = replica::<String>(&client, "doc").await;
     let fetched = server.stats().snapshots_sent;
     for i in 0..50 {
         let at = doc.replace(format!("v{i}")).await.unwrap();
@@ -632,27 +639,17 @@ async fn a_named_local_socket_serves_like_a_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_revision_is_encoded_once_for_every_connection() {
-    let hub = Hub::in_memory();
-    let doc = hub.topic("doc", || 0u64).await.unwrap();
-    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
-    let mut clients = Vec::new();
-    let mut replicas = Vec::new();
-    for i in 0..8 {
-        let inline = i % 2 == 0;
-        let client = Client::connect(
-            Endpoint::Unix(path.clone()),
-            options(&format!("c{i}")).inline_snapshots(inline),
-        );
-        client.wait_connected().await;
-        replicas.push(replica(&client, "doc").await);
-        clients.push(client);
-    }
+    let (doc, server, path, _dir) = served_doc().await;
+    let replicas = replicas_on(&path, 8, |i| {
+        options(&format!("c{i}")).inline_snapshots(i % 2 == 0)
+    })
+    .await;
     let before = server.stats();
     let mut last = Revision::ZERO;
     for i in 1..=50u64 {
         last = doc.replace(i).await.unwrap();
     }
-    for (handle, recorder) in &replicas {
+    for (_, handle, recorder) in &replicas {
         handle.wait_for_revision(last).await.unwrap();
         assert_eq!(recorder.last_data(), Some(50));
     }
