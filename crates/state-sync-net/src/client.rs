@@ -853,7 +853,9 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
 }
 
 /// One topic of a [`Client`], typed: the [`Subscriber`] and [`Provider`] of
-/// an engine replicating it. Fetches are conditional.
+/// an engine replicating it. Fetches are conditional, and answered without
+/// a round trip when the newest invalidation carried the snapshot (see
+/// [`ClientOptions::inline_snapshots`]).
 pub struct RemoteTopic<T> {
     client: Client,
     topic: Topic,

@@ -21,7 +21,7 @@
 //!
 //! | feature | default | enables |
 //! |---|---|---|
-//! | `conformance` | no | [`conformance`]: the shared test suite for [`Storage`] backends |
+//! | `conformance` | no | the `conformance` module: the shared test suite for [`Storage`] backends |
 #![doc(test(attr(deny(warnings))))]
 
 #[cfg(feature = "conformance")]

@@ -32,9 +32,10 @@ impl Record {
 
 /// Where committed records live.
 ///
-/// Backends must pass the [conformance suite](crate::conformance): a stored
-/// record is returned by `load` (also after reopening, for durable
-/// backends), the latest `store` wins, and topics are independent.
+/// Backends must pass the conformance suite (the `conformance` module,
+/// behind the feature of that name): a stored record is returned by `load`
+/// (also after reopening, for durable backends), the latest `store` wins,
+/// and topics are independent.
 pub trait Storage: Send + Sync + 'static {
     /// The record of `topic`, if one was stored.
     ///

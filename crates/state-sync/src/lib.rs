@@ -51,7 +51,7 @@
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `arc-swap` | no | an [`Applier`] for `Arc<arc_swap::ArcSwap<T>>` |
-//! | `testkit` | no | [`testkit`]: a seeded lossy bus and a recording applier |
+//! | `testkit` | no | the `testkit` module: a seeded lossy bus and a recording applier |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
