@@ -46,8 +46,9 @@ pub struct ServerConfig {
     /// (default `true`).
     pub create_topics: bool,
     /// Largest snapshot carried inside an invalidation, for subscriptions
-    /// that ask for it (default 16 KiB; `0` never inlines). Inlining saves
-    /// each replica a fetch round trip; larger snapshots are fetched.
+    /// that ask for it (default 16 KiB; `0` never inlines; capped at
+    /// `max_snapshot_bytes`). Inlining saves each replica a fetch round
+    /// trip; larger snapshots are fetched.
     pub inline_snapshot_max_bytes: usize,
     /// Sent in `welcome`.
     pub server_id: String,
@@ -468,7 +469,11 @@ impl Shared {
             let members = members.clone();
             let counters = self.counters.clone();
             let hub = self.hub.clone();
-            let inline_max = self.config.inline_snapshot_max_bytes;
+            // Never past the snapshot limit, which keeps frames in bounds.
+            let inline_max = self
+                .config
+                .inline_snapshot_max_bytes
+                .min(self.config.max_snapshot_bytes);
             InvalidationSink::from_fn(topic.clone(), move |event| {
                 let source_id = event.source_id.as_deref();
                 let plain = || Pending {
