@@ -226,28 +226,12 @@ impl Server {
         set_owner_only(&path)?;
         lock(&self.shared.unix_paths).push(path.clone());
         tracing::info!(path = %path.display(), "listening on unix socket");
-        let shared = self.shared.clone();
-        self.shared.tasks.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = shared.shutdown.cancelled() => break,
-                    accepted = listener.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        let (read, write) = stream.into_split();
-                        let (frames, sink) =
-                            frames::length_delimited(read, write, shared.config.max_frame_bytes);
-                        shared
-                            .tasks
-                            .spawn(serve(shared.clone(), frames, sink, "unix".into()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
+        let accepted = futures::stream::unfold(listener, |listener| async move {
+            Some((listener.accept().await, listener))
+        });
+        spawn_accept_loop(&self.shared, accepted, |shared, (stream, _)| {
+            let (read, write) = stream.into_split();
+            serve_byte_stream(shared, read, write, "unix");
         });
         Ok(path)
     }
@@ -269,28 +253,12 @@ impl Server {
             .name(name.to_ns_name::<GenericNamespaced>()?)
             .create_tokio()?;
         tracing::info!(%name, "listening on local socket");
-        let shared = self.shared.clone();
-        self.shared.tasks.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = shared.shutdown.cancelled() => break,
-                    accepted = listener.accept() => accepted,
-                };
-                match accepted {
-                    Ok(stream) => {
-                        let (read, write) = tokio::io::split(stream);
-                        let (frames, sink) =
-                            frames::length_delimited(read, write, shared.config.max_frame_bytes);
-                        shared
-                            .tasks
-                            .spawn(serve(shared.clone(), frames, sink, "local".into()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
+        let accepted = futures::stream::unfold(listener, |listener| async move {
+            Some((listener.accept().await, listener))
+        });
+        spawn_accept_loop(&self.shared, accepted, |shared, stream| {
+            let (read, write) = tokio::io::split(stream);
+            serve_byte_stream(shared, read, write, "local");
         });
         Ok(name.to_owned())
     }
@@ -308,47 +276,35 @@ impl Server {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         tracing::info!(%local, "listening for websocket connections");
-        let shared = self.shared.clone();
-        self.shared.tasks.spawn(async move {
-            let ws_config = WebSocketConfig::default()
-                .max_message_size(Some(shared.config.max_frame_bytes))
-                .max_frame_size(Some(shared.config.max_frame_bytes));
-            loop {
-                let accepted = tokio::select! {
-                    () = shared.shutdown.cancelled() => break,
-                    accepted = listener.accept() => accepted,
-                };
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Small frames must not wait for Nagle's algorithm.
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
-                }
-                let shared = shared.clone();
-                shared.tasks.clone().spawn(async move {
-                    let upgrade = tokio::time::timeout(
-                        shared.config.handshake_timeout,
-                        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
-                    )
-                    .await;
-                    match upgrade {
-                        Ok(Ok(socket)) => {
-                            let (frames, sink) = frames::websocket(socket);
-                            serve(shared, frames, sink, peer.to_string()).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "websocket upgrade failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
-                    }
-                });
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(self.shared.config.max_frame_bytes))
+            .max_frame_size(Some(self.shared.config.max_frame_bytes));
+        let accepted = futures::stream::unfold(listener, |listener| async move {
+            Some((listener.accept().await, listener))
+        });
+        spawn_accept_loop(&self.shared, accepted, move |shared, (stream, peer)| {
+            // Small frames must not wait for Nagle's algorithm.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
             }
+            let shared = shared.clone();
+            shared.tasks.clone().spawn(async move {
+                let upgrade = tokio::time::timeout(
+                    shared.config.handshake_timeout,
+                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
+                )
+                .await;
+                match upgrade {
+                    Ok(Ok(socket)) => {
+                        let (frames, sink) = frames::websocket(socket);
+                        serve(shared, frames, sink, peer.to_string()).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "websocket upgrade failed")
+                    }
+                    Err(_) => tracing::debug!(%peer, "websocket upgrade timed out"),
+                }
+            });
         });
         Ok(local)
     }
@@ -400,6 +356,46 @@ impl fmt::Debug for Server {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// Accepts connections until shutdown, handing each to `handle`; a failed
+/// accept is logged and retried shortly.
+fn spawn_accept_loop<S: Send + 'static>(
+    shared: &Arc<Shared>,
+    accepted: impl futures::Stream<Item = io::Result<S>> + Send + 'static,
+    handle: impl Fn(&Arc<Shared>, S) + Send + 'static,
+) {
+    let shared = shared.clone();
+    shared.tasks.clone().spawn(async move {
+        let mut accepted = std::pin::pin!(accepted);
+        loop {
+            let next = tokio::select! {
+                () = shared.shutdown.cancelled() => break,
+                next = accepted.next() => next,
+            };
+            match next {
+                Some(Ok(stream)) => handle(&shared, stream),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => break,
+            }
+        }
+    });
+}
+
+/// Serves a byte-stream connection (Unix or local socket) with
+/// length-delimited frames.
+fn serve_byte_stream<R, W>(shared: &Arc<Shared>, read: R, write: W, peer: &str)
+where
+    R: tokio::io::AsyncRead + Send + 'static,
+    W: tokio::io::AsyncWrite + Send + 'static,
+{
+    let (frames, sink) = frames::length_delimited(read, write, shared.config.max_frame_bytes);
+    shared
+        .tasks
+        .spawn(serve(shared.clone(), frames, sink, peer.to_owned()));
 }
 
 #[cfg(unix)]
