@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use state_sync::{
     BoxError, FetchError, FetchRequest, Fetched, InvalidationEvent, InvalidationSink,
     ProtocolError, ProtocolErrorKind, Provider, RetryPolicy, Revision, SnapshotEnvelope,
@@ -398,7 +399,7 @@ impl Client {
         };
         match self.request(id, &message).await? {
             ServerMessage::Snapshot { revision, data, .. } => Ok(Fetched::Snapshot(
-                SnapshotEnvelope::new(revision, Bytes::from(data.get().to_owned())),
+                SnapshotEnvelope::new(revision, raw_bytes(data)),
             )),
             ServerMessage::NotModified { revision, .. } => Ok(Fetched::NotModified { revision }),
             other => Err(unexpected(other)),
@@ -788,6 +789,11 @@ async fn serve(
     error
 }
 
+/// The bytes of a decoded raw JSON value, without copying them again.
+fn raw_bytes(raw: Box<RawValue>) -> Bytes {
+    Bytes::from(Box::<str>::from(raw).into_boxed_bytes())
+}
+
 /// Routes one frame from the server.
 fn dispatch(shared: &Shared, frame: &[u8]) {
     let message = match ServerMessage::decode(frame) {
@@ -811,18 +817,16 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
             return;
         }
     };
-    let id = match &message {
+    let id = match message {
         ServerMessage::Invalidation {
             topic,
             revision,
             source_id,
             snapshot,
         } => {
-            let mut event = InvalidationEvent::new(topic.clone(), *revision);
-            event.source_id.clone_from(source_id);
-            let snapshot = snapshot
-                .as_ref()
-                .map(|s| (s.revision, Bytes::copy_from_slice(s.data.get().as_bytes())));
+            let mut event = InvalidationEvent::new(topic, revision);
+            event.source_id = source_id;
+            let snapshot = snapshot.map(|s| (s.revision, raw_bytes(s.data)));
             shared.deliver(&event, snapshot);
             return;
         }
@@ -830,9 +834,9 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
         ServerMessage::Error {
             id: None,
             code,
-            message,
+            ref message,
         } => {
-            if *code == ErrorCode::ShuttingDown {
+            if code == ErrorCode::ShuttingDown {
                 tracing::debug!(%message, "the hub is shutting down");
             } else {
                 tracing::warn!(%code, %message, "hub error");
@@ -845,7 +849,7 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
         | ServerMessage::NotModified { id, .. }
         | ServerMessage::Ok { id, .. }
         | ServerMessage::Conflict { id, .. }
-        | ServerMessage::Pong { id } => *id,
+        | ServerMessage::Pong { id } => id,
     };
     if let Some(reply) = lock(&shared.waiting).remove(&id) {
         let _ = reply.send(message);
