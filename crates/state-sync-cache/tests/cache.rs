@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use state_sync::testkit::Recorder;
+use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{MemorySource, Revision, SnapshotEnvelope, SyncHandle, Topic};
 use state_sync_cache::{CacheError, CacheEvent, Compression, SnapshotCache};
 use state_sync_storage::conformance::FaultyStorage;
@@ -63,7 +63,11 @@ async fn replica_run(
     }
     let handle = builder.build();
     handle.start().await.unwrap();
-    handle.wait_for_revision(source.revision()).await.unwrap();
+    handle
+        .wait_for_revision(source.revision())
+        .within_limit()
+        .await
+        .unwrap();
     handle.stop().await;
     cache.flush().await.unwrap();
     (recorder, cached)

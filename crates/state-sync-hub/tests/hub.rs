@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use state_sync::testkit::WithinLimit;
 use state_sync::{InvalidationEvent, InvalidationSink, Revision, Subscriber, SyncHandle, Topic};
 use state_sync_hub::{Error, Hub};
 use state_sync_storage::conformance::FaultyStorage;
@@ -398,7 +399,11 @@ async fn in_process_replicas_follow_with_conditional_fetch() {
         })
         .await
         .unwrap();
-    replica.wait_for_revision(revision).await.unwrap();
+    replica
+        .wait_for_revision(revision)
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(rx.borrow().volume, 9);
 
     // A replica that is current gets "not modified".
@@ -468,7 +473,7 @@ fn replicas_of_a_hub_converge_over_a_lossy_bus() {
             let last = doc.update(|n| n + 1).await.unwrap();
             assert_eq!(*doc.get().value(), 301);
             for (handle, recorder) in &replicas {
-                handle.wait_for_revision(last).await.unwrap();
+                handle.wait_for_revision(last).within_limit().await.unwrap();
                 assert_eq!(handle.local_revision(), last, "seed {seed}");
                 assert!(recorder.is_strictly_increasing(), "seed {seed}");
             }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use state_sync::testkit::Recorder;
+use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{
     BoxError, FetchError, FetchRequest, Fetched, InvalidationSink, Provider, Revision, Subscriber,
     Subscription, SyncHandle, Topic,
@@ -100,7 +100,7 @@ async fn write_and_converge(
         last = topic.update(|n| n + 1).await.unwrap();
     }
     for (handle, recorder) in replicas {
-        handle.wait_for_revision(last).await.unwrap();
+        handle.wait_for_revision(last).within_limit().await.unwrap();
         assert_eq!(recorder.last_data(), Some(*topic.get().value()));
     }
     last
@@ -155,7 +155,11 @@ async fn restart_on_empty_storage_starts_above_every_earlier_revision() {
     link.reconnect_to(counter.clone()).await;
     // The reconnect alone brings every replica to the new hub's state.
     for (handle, recorder) in &replicas {
-        handle.wait_for_revision(counter.revision()).await.unwrap();
+        handle
+            .wait_for_revision(counter.revision())
+            .within_limit()
+            .await
+            .unwrap();
         assert_eq!(recorder.last_data(), Some(0));
     }
     write_and_converge(&counter, 5, &replicas).await;
@@ -188,7 +192,7 @@ async fn replicas_ahead_of_a_restarted_hub_resync_instead_of_stalling() {
     let next = counter.update(|n| n + 1).await.unwrap();
     assert_eq!(next, Revision::new(6));
     for (handle, recorder) in &replicas {
-        handle.wait_for_revision(next).await.unwrap();
+        handle.wait_for_revision(next).within_limit().await.unwrap();
         // wait_for_revision is ≥; the revision must be exactly the hub's.
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while handle.local_revision() != next {

@@ -1,4 +1,5 @@
 //! Server and client over real Unix sockets and WebSocket on 127.0.0.1.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use state_sync::testkit::Recorder;
+use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{Revision, SyncHandle};
 use state_sync_hub::{Hub, HubTopic};
 use state_sync_net::{
@@ -124,7 +125,7 @@ async fn replicas_on(
     let mut replicas = Vec::with_capacity(count);
     for i in 0..count {
         let client = Client::connect(Endpoint::Unix(path.to_owned()), options_of(i));
-        client.wait_connected().await;
+        client.wait_connected().within_limit().await;
         let (handle, recorder) = replica(&client, "doc").await;
         replicas.push((client, handle, recorder));
     }
@@ -138,8 +139,14 @@ async fn replicas_over_unix_sockets_and_websocket_converge() {
 
     let unix = Client::connect(Endpoint::Unix(path.clone()), options("unix"));
     let ws = Client::connect(Endpoint::WebSocket(format!("ws://{addr}")), options("ws"));
-    assert_eq!(unix.wait_connected().await, ConnectionStatus::Connected);
-    assert_eq!(ws.wait_connected().await, ConnectionStatus::Connected);
+    assert_eq!(
+        unix.wait_connected().within_limit().await,
+        ConnectionStatus::Connected
+    );
+    assert_eq!(
+        ws.wait_connected().within_limit().await,
+        ConnectionStatus::Connected
+    );
     // Several handles share each client's one connection.
     let mut replicas = Vec::new();
     for client in [&unix, &ws] {
@@ -158,7 +165,7 @@ async fn replicas_over_unix_sockets_and_websocket_converge() {
         };
     }
     for (handle, recorder) in &replicas {
-        handle.wait_for_revision(last).await.unwrap();
+        handle.wait_for_revision(last).within_limit().await.unwrap();
         assert_eq!(recorder.last_data(), Some(200));
         assert!(recorder.is_strictly_increasing());
     }
@@ -178,7 +185,7 @@ async fn compare_and_set_conflicts_carry_the_current_revision() {
     hub.json_topic("settings").await.unwrap();
     let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
     let client = Client::connect(Endpoint::Unix(path), options("cas"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
 
     let (base, _) = client.get_json("settings").await.unwrap();
     let won = client
@@ -297,7 +304,7 @@ async fn every_bad_input_gets_its_error_code_and_the_server_keeps_serving() {
     assert_eq!(counter.get().revision(), before);
     assert!(!hub.is_open(&state_sync::Topic::new("big").unwrap()));
     let client = Client::connect(Endpoint::Unix(path), options("after").token("good"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
     let revision = client.set("counter", &6u64, Some(before)).await.unwrap();
     assert_eq!(revision, before.next());
     assert_eq!(server.stats().connections, 1);
@@ -314,7 +321,7 @@ async fn a_refused_client_stops_retrying_and_says_why() {
     let access = AccessConfig::open().with_client(ClientAccess::new("right").read("*"));
     let (server, path, _dir) = served(Hub::in_memory(), ServerConfig::default(), access).await;
     let client = Client::connect(Endpoint::Unix(path), options("intruder").token("wrong"));
-    let status = client.wait_connected().await;
+    let status = client.wait_connected().within_limit().await;
     assert!(
         matches!(&status, ConnectionStatus::Refused(why) if why.contains("unauthorized")),
         "{status:?}"
@@ -360,7 +367,7 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
     }
 
     let client = Client::connect(Endpoint::Unix(path), options("healthy"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
     let (handle, recorder) = replica(&client, "doc").await;
 
     let mut last = Revision::ZERO;
@@ -371,7 +378,7 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
             assert!(stats.max_pending_per_connection <= 1, "{stats:?}");
         }
     }
-    handle.wait_for_revision(last).await.unwrap();
+    handle.wait_for_revision(last).within_limit().await.unwrap();
     assert_eq!(recorder.last_data(), Some(10_000));
     let stats = server.stats();
     assert!(stats.max_pending_per_connection <= 1, "{stats:?}");
@@ -382,13 +389,17 @@ async fn a_client_that_never_reads_costs_one_pending_invalidation_per_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_connections_on_one_server() {
+    // A thousand client and a thousand server sockets in this process, more
+    // than Linux's default soft limit of 1 024 descriptors.
+    let limit = rlimit::increase_nofile_limit(4096).unwrap();
+    assert!(limit >= 2100, "cannot raise the open-file limit: {limit}");
     let (doc, server, path, _dir) = served_doc().await;
 
     let replicas = replicas_on(&path, 1000, |i| options(&format!("c{i}"))).await;
     assert_eq!(server.stats().connections, 1000);
     let last = doc.replace(42).await.unwrap();
     for (_, handle, recorder) in &replicas {
-        handle.wait_for_revision(last).await.unwrap();
+        handle.wait_for_revision(last).within_limit().await.unwrap();
         assert_eq!(recorder.last_data(), Some(42));
     }
     server.shutdown().await;
@@ -405,10 +416,14 @@ async fn clients_reconnect_resubscribe_and_resync_after_a_restart() {
     let server = Server::new(hub);
     server.listen_unix(&socket).await.unwrap();
     let client = Client::connect(Endpoint::Unix(socket.clone()), options("survivor"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
     let (handle, recorder) = replica(&client, "doc").await;
     let before = doc.replace(1).await.unwrap();
-    handle.wait_for_revision(before).await.unwrap();
+    handle
+        .wait_for_revision(before)
+        .within_limit()
+        .await
+        .unwrap();
 
     let mut status = client.watch_status();
     server.shutdown().await;
@@ -431,10 +446,18 @@ async fn clients_reconnect_resubscribe_and_resync_after_a_restart() {
     let server = Server::new(hub);
     server.listen_unix(&socket).await.unwrap();
 
-    handle.wait_for_revision(during).await.unwrap();
+    handle
+        .wait_for_revision(during)
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(recorder.last_data(), Some(2));
     let after = client.set("doc", &3u64, None).await.unwrap();
-    handle.wait_for_revision(after).await.unwrap();
+    handle
+        .wait_for_revision(after)
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(recorder.last_data(), Some(3));
     assert!(recorder.is_strictly_increasing());
     server.shutdown().await;
@@ -476,7 +499,7 @@ async fn the_revision_probe_catches_a_deaf_subscription() {
         Endpoint::Unix(path),
         options("prober").probe_interval(Duration::from_millis(50)),
     );
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
     let (handle, recorder) = replica(&client, "doc").await;
     assert_eq!(recorder.last_data(), Some(1));
     // No invalidation will come; the probe notices revision 2.
@@ -500,7 +523,7 @@ async fn shutdown_finishes_the_write_in_flight() {
     hub.json_topic("doc").await.unwrap();
     let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
     let client = Client::connect(Endpoint::Unix(path), options("late-writer"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
 
     let write = tokio::spawn({
         let client = client.clone();
@@ -570,12 +593,12 @@ async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
 
     // Through the client: small writes apply without a single fetch.
     let client = Client::connect(Endpoint::Unix(path), options("inline"));
-    client.wait_connected().await;
+    client.wait_connected().within_limit().await;
     let (handle, recorder) = replica::<String>(&client, "doc").await;
     let fetched = server.stats().snapshots_sent;
     for i in 0..50 {
         let at = doc.replace(format!("v{i}")).await.unwrap();
-        handle.wait_for_revision(at).await.unwrap();
+        handle.wait_for_revision(at).within_limit().await.unwrap();
     }
     assert_eq!(recorder.last_data().as_deref(), Some("v49"));
     let stats = server.stats();
@@ -584,7 +607,7 @@ async fn small_snapshots_ride_in_invalidations_and_large_ones_are_fetched() {
 
     // A snapshot over the limit is fetched.
     let last = doc.replace("L".repeat(100)).await.unwrap();
-    handle.wait_for_revision(last).await.unwrap();
+    handle.wait_for_revision(last).within_limit().await.unwrap();
     assert_eq!(recorder.last_data(), Some("L".repeat(100)));
     assert_eq!(server.stats().snapshots_sent, fetched + 1);
     assert!(recorder.is_strictly_increasing());
@@ -608,7 +631,10 @@ async fn a_named_local_socket_serves_like_a_unix_socket() {
     assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
 
     let client = Client::connect(Endpoint::Local(name.clone()), options("local"));
-    assert_eq!(client.wait_connected().await, ConnectionStatus::Connected);
+    assert_eq!(
+        client.wait_connected().within_limit().await,
+        ConnectionStatus::Connected
+    );
     assert_eq!(
         Endpoint::Local(name.clone()).to_string(),
         format!("local:{name}")
@@ -622,7 +648,7 @@ async fn a_named_local_socket_serves_like_a_unix_socket() {
             client.set("doc", &i, None).await.unwrap()
         };
     }
-    handle.wait_for_revision(last).await.unwrap();
+    handle.wait_for_revision(last).within_limit().await.unwrap();
     assert_eq!(recorder.last_data(), Some(100));
     assert!(recorder.is_strictly_increasing());
     let error = client
@@ -650,7 +676,7 @@ async fn each_revision_is_encoded_once_for_every_connection() {
         last = doc.replace(i).await.unwrap();
     }
     for (_, handle, recorder) in &replicas {
-        handle.wait_for_revision(last).await.unwrap();
+        handle.wait_for_revision(last).within_limit().await.unwrap();
         assert_eq!(recorder.last_data(), Some(50));
     }
     let after = server.stats();

@@ -1,6 +1,6 @@
 //! [`FileStorage`]: one crash-safe file per topic, the embedded default.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use bytes::Bytes;
 use state_sync::{Revision, Topic};
 
 use crate::error::{Error, Result};
+use crate::platform;
 use crate::storage::{Record, Storage};
 
 const MAGIC: &str = "SSR1";
@@ -41,9 +42,15 @@ pub enum Durability {
 ///
 /// A store writes `<file>.tmp`, `fsync`s it, moves the current file to
 /// `<file>.bak` (the last good copy), renames the temp file into place and
-/// `fsync`s the directory. A crash at any point leaves either the new file,
-/// or the old one, or (between the two renames) only the `.bak` copy, which
-/// `load` falls back to.
+/// makes the renames durable: on Unix by `fsync`ing the directory, on
+/// Windows by renaming write-through (directories cannot be synced there).
+/// A crash at any point leaves either the new file, or the old one, or
+/// (between the two renames) only the `.bak` copy, which `load` falls back
+/// to.
+///
+/// Once the temp file is renamed into place the record is stored: a failure
+/// after that point (a directory sync refused) is logged as a warning and
+/// `store` succeeds, because the next `load` returns the new record.
 ///
 /// # Reading
 ///
@@ -238,13 +245,32 @@ fn load_file(path: &Path) -> Result<Option<Record>> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
+/// Syncs the directory after a change that already took effect: `load` sees
+/// it whatever the outcome, so a failure is logged, never reported as a
+/// failed store (the caller would then treat a stored record as not
+/// committed).
+fn sync_dir_after_commit(dir: &Path, sync_dir: fn(&Path) -> io::Result<()>) {
+    if let Err(error) = sync_dir(dir) {
+        tracing::warn!(
+            dir = %dir.display(),
+            %error,
+            "the change is stored, but syncing its directory failed: it survives a crash of the process, maybe not a power loss"
+        );
+    }
 }
 
 fn store_file(dir: &Path, path: &Path, record: &Record, durability: Durability) -> Result<()> {
+    store_file_with(dir, path, record, durability, platform::sync_dir)
+}
+
+fn store_file_with(
+    dir: &Path,
+    path: &Path,
+    record: &Record,
+    durability: Durability,
+    sync_dir: fn(&Path) -> io::Result<()>,
+) -> Result<()> {
+    let durable = durability == Durability::Fsync;
     let tmp = with_suffix(path, ".tmp");
     let mut file = OpenOptions::new()
         .write(true)
@@ -253,19 +279,20 @@ fn store_file(dir: &Path, path: &Path, record: &Record, durability: Durability) 
         .open(&tmp)
         .map_err(io_error(&tmp))?;
     file.write_all(&encode(record)).map_err(io_error(&tmp))?;
-    if durability == Durability::Fsync {
+    if durable {
         file.sync_all().map_err(io_error(&tmp))?;
     }
     drop(file);
     let backup = with_suffix(path, ".bak");
-    match fs::rename(path, &backup) {
+    match platform::replace(path, &backup, durable) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_error(path)(e)),
     }
-    fs::rename(&tmp, path).map_err(io_error(path))?;
-    if durability == Durability::Fsync {
-        sync_dir(dir)?;
+    // The commit point: from here on `load` returns the new record.
+    platform::replace(&tmp, path, durable).map_err(io_error(path))?;
+    if durable {
+        sync_dir_after_commit(dir, sync_dir);
     }
     Ok(())
 }
@@ -281,7 +308,7 @@ fn remove_file(dir: &Path, path: &Path, durability: Durability) -> Result<()> {
         }
     }
     if durability == Durability::Fsync {
-        sync_dir(dir)?;
+        sync_dir_after_commit(dir, platform::sync_dir);
     }
     Ok(())
 }
@@ -353,6 +380,25 @@ mod tests {
         assert!(decode(&flipped).unwrap_err().contains("checksum"));
         assert!(decode(b"").is_err());
         assert!(decode(&[0u8; 64]).is_err());
+    }
+
+    #[test]
+    fn a_failed_directory_sync_after_the_rename_does_not_fail_a_stored_record() {
+        // What Windows did with `File::open` on a directory, and what any
+        // platform may do: the record is already in place, so the store
+        // must succeed (or the hub would report a stored write as lost).
+        fn refused(_: &Path) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FileStorage::open(dir.path()).unwrap();
+        let topic = Topic::new("settings").unwrap();
+        let path = storage.path_of(&topic);
+        for revision in 1..=2 {
+            let record = Record::new(Revision::new(revision), &b"{}"[..]);
+            store_file_with(dir.path(), &path, &record, Durability::Fsync, refused).unwrap();
+            assert_eq!(load_file(&path).unwrap(), Some(record));
+        }
     }
 
     #[test]

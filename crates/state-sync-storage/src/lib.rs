@@ -29,6 +29,7 @@ pub mod conformance;
 mod error;
 mod file;
 mod memory;
+mod platform;
 mod storage;
 
 pub use error::{Error, Result};

@@ -606,23 +606,26 @@ where
         });
     }
 
+    /// What is known of a failure's circumstances; the event is encoded
+    /// only here, on the error path.
     fn context(&self, cause: Option<&InvalidationEvent>) -> ErrorContext {
         ErrorContext {
             local_revision: self.gate.local(),
             event_revision: cause.map(|e| e.revision),
             source_id: cause.and_then(|e| e.source_id.clone()),
+            raw_event: cause.and_then(|e| serde_json::to_string(e).ok()),
             ..ErrorContext::default()
         }
     }
 
     fn report(&self, error: &Error) {
-        let source = std::error::Error::source(error).map(ToString::to_string);
+        // `Display` already ends with the cause.
         tracing::warn!(
             topic = %error.topic(),
             phase = %error.phase(),
             will_retry = error.will_retry(),
-            cause = source.as_deref().unwrap_or(""),
-            "{error}"
+            "{}",
+            crate::ErrorChain(error)
         );
         if let Some(callback) = &self.options.on_error
             && std::panic::catch_unwind(AssertUnwindSafe(|| callback(error))).is_err()
@@ -711,6 +714,17 @@ where
         loop {
             if !self.wait_for_quiet().await {
                 return self.worker_exit();
+            }
+            // Nothing queued behind the last refresh: exit rather than sleep
+            // out the throttle window, which would open a new window with
+            // no refresh in it and delay the next invalidation's leading
+            // edge. Under the lock `request` takes, so no wake-up is lost.
+            {
+                let mut st = self.lock();
+                if st.pending.is_none() {
+                    st.worker_running = false;
+                    return;
+                }
             }
             if let Some(throttle) = self.options.throttle {
                 match self.wait_for_throttle(throttle).await {
@@ -918,7 +932,7 @@ where
         attempt: u32,
     ) -> Error {
         let context = ErrorContext {
-            raw: error.raw().map(str::to_owned),
+            raw_snapshot: error.raw().map(str::to_owned),
             attempt: Some(attempt),
             ..self.context(cause)
         };
@@ -1169,7 +1183,7 @@ where
     fn protocol_error(&self, error: ProtocolError) {
         if let Some(engine) = self.live_engine() {
             let context = ErrorContext {
-                raw: error.raw().map(str::to_owned),
+                raw_event: error.raw().map(str::to_owned),
                 ..engine.context(None)
             };
             engine.fail(Phase::Protocol, context, error);

@@ -75,8 +75,12 @@ pub struct ErrorContext {
     pub snapshot_revision: Option<Revision>,
     /// The source id of the invalidation.
     pub source_id: Option<String>,
-    /// The raw event or snapshot payload, for protocol errors.
-    pub raw: Option<String>,
+    /// The invalidation that caused the work, as JSON: the payload as
+    /// received for a malformed event, the event re-encoded otherwise. Set
+    /// for every error an invalidation caused (protocol, fetch, apply).
+    pub raw_event: Option<String>,
+    /// The snapshot payload as received, when it broke the protocol.
+    pub raw_snapshot: Option<String>,
     /// The fetch attempt, starting at 1.
     pub attempt: Option<u32>,
     /// Whether the engine retries after this failure.
@@ -89,10 +93,15 @@ pub struct ErrorContext {
 ///
 /// Passed to the handle's error callback and returned by
 /// [`SyncHandle::start`](crate::SyncHandle::start) and
-/// [`SyncHandle::refresh`](crate::SyncHandle::refresh). The underlying cause
-/// is available through [`std::error::Error::source`] (a
-/// [`ProtocolError`](crate::ProtocolError) for protocol failures, the
-/// provider's or applier's own error otherwise).
+/// [`SyncHandle::refresh`](crate::SyncHandle::refresh).
+///
+/// `Display` says what failed and why, so `eprintln!("{e}")` prints
+/// `state-sync `settings`: getSnapshot failed (attempt 1): connection
+/// refused`. The cause itself (a [`ProtocolError`](crate::ProtocolError)
+/// for protocol failures, the provider's or applier's own error otherwise)
+/// is [`cause`](Self::cause), to downcast; like [`std::io::Error`] wrapping
+/// a custom error, [`source`](std::error::Error::source) continues with
+/// the cause's own source, so a chain of causes prints each one once.
 #[derive(Debug)]
 pub struct Error {
     phase: Phase,
@@ -145,6 +154,20 @@ impl Error {
     pub fn is_stopped(&self) -> bool {
         self.source.is::<Stopped>()
     }
+
+    /// The cause: the provider's, applier's or subscriber's error, a
+    /// [`ProtocolError`](crate::ProtocolError), or [`Stopped`]. Downcast it
+    /// to reach a transport's own error type.
+    #[must_use]
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// The cause, owned.
+    #[must_use]
+    pub fn into_cause(self) -> BoxError {
+        self.source
+    }
 }
 
 impl fmt::Display for Error {
@@ -158,13 +181,14 @@ impl fmt::Display for Error {
                 _ => f.write_str(")")?,
             }
         }
-        Ok(())
+        write!(f, ": {}", self.source)
     }
 }
 
 impl std::error::Error for Error {
+    /// The cause's own source: the cause is already part of `Display`.
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
+        self.source.source()
     }
 }
 
@@ -178,7 +202,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn display_does_not_repeat_the_source() {
+    fn display_says_why_and_the_chain_prints_each_cause_once() {
         let e = Error::new(
             Phase::GetSnapshot,
             Topic::new("t").unwrap(),
@@ -193,12 +217,25 @@ mod tests {
         let text = e.to_string();
         assert_eq!(
             text,
-            "state-sync `t`: getSnapshot failed (attempt 2, retrying in 1s)"
+            "state-sync `t`: getSnapshot failed (attempt 2, retrying in 1s): connection refused"
+        );
+        assert_eq!(e.cause().to_string(), "connection refused");
+        assert!(std::error::Error::source(&e).is_none());
+
+        #[derive(Debug, thiserror::Error)]
+        #[error("fetch failed")]
+        struct Fetch(#[source] std::io::Error);
+        let nested = Error::new(
+            Phase::GetSnapshot,
+            Topic::new("t").unwrap(),
+            ErrorContext::default(),
+            Fetch(std::io::Error::other("refused")),
         );
         assert_eq!(
-            std::error::Error::source(&e).unwrap().to_string(),
-            "connection refused"
+            ErrorChain(&nested).to_string(),
+            "state-sync `t`: getSnapshot failed: fetch failed: refused"
         );
+        assert!(nested.cause().is::<Fetch>());
     }
 }
 

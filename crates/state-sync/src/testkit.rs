@@ -510,3 +510,47 @@ impl<T> fmt::Debug for Recorder<T> {
             .finish()
     }
 }
+
+/// How long [`WithinLimit::within_limit`] waits: long enough for any test
+/// of this workspace on a loaded 2-core machine, short enough that a
+/// regression fails the run instead of hanging it.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Bounds a test's wait, so a regression fails instead of hanging.
+///
+/// On a paused clock the limit is virtual time: a wait that can never
+/// finish fails at once, when the runtime has nothing else to do.
+///
+/// # Examples
+///
+/// ```
+/// use state_sync::testkit::WithinLimit;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// assert_eq!(async { 7 }.within_limit().await, 7);
+/// # }
+/// ```
+pub trait WithinLimit: Future + Sized {
+    /// Awaits `self` for at most [`WAIT_LIMIT`].
+    ///
+    /// # Panics
+    ///
+    /// When the limit passes first, naming the caller's location.
+    ///
+    /// # Cancel safety
+    ///
+    /// As cancel-safe as `self`.
+    #[track_caller]
+    fn within_limit(self) -> impl Future<Output = Self::Output> {
+        let caller = std::panic::Location::caller();
+        async move {
+            match tokio::time::timeout(WAIT_LIMIT, self).await {
+                Ok(output) => output,
+                Err(_) => panic!("waited more than {WAIT_LIMIT:?} at {caller}"),
+            }
+        }
+    }
+}
+
+impl<F: Future> WithinLimit for F {}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Answer, Errors, ScriptedSource, event, settle, topic};
 use serde_json::{Value, json};
-use state_sync::testkit::Recorder;
+use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{Phase, Revision, SnapshotEnvelope, Status, SyncHandle, applier};
 
 fn handle(source: &ScriptedSource, recorder: &Recorder<Value>, errors: &Errors) -> SyncHandle {
@@ -45,7 +45,10 @@ async fn stale_and_equal_invalidations_cause_no_fetch() {
     settle().await;
     assert_eq!(source.fetch_count(), 1);
     source.publish(6, json!(2));
-    h.wait_for_revision(Revision::new(6)).await.unwrap();
+    h.wait_for_revision(Revision::new(6))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(source.fetch_count(), 2);
     assert_eq!(recorder.revisions(), [Revision::new(5), Revision::new(6)]);
 }
@@ -90,12 +93,19 @@ async fn bad_events_are_one_protocol_error_each_and_the_engine_keeps_working() {
     assert_eq!(reported.len(), 4);
     for (r, raw) in reported.iter().zip(bad) {
         assert_eq!(r.phase, Phase::Protocol);
-        assert_eq!(r.raw.as_deref(), Some(std::str::from_utf8(raw).unwrap()));
+        assert_eq!(
+            r.raw_event.as_deref(),
+            Some(std::str::from_utf8(raw).unwrap())
+        );
+        assert_eq!(r.raw_snapshot, None);
     }
     assert_eq!(source.fetch_count(), 1);
     source.set(2, json!(2));
     source.emit_raw(br#"{"topic":"settings","revision":"2"}"#);
-    h.wait_for_revision(Revision::new(2)).await.unwrap();
+    h.wait_for_revision(Revision::new(2))
+        .within_limit()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -107,7 +117,14 @@ async fn non_canonical_snapshot_revision_fails_start_and_rolls_back() {
     let h = handle(&source, &recorder, &errors);
     let err = h.start().await.unwrap_err();
     assert_eq!(err.phase(), Phase::Protocol);
-    assert!(err.context().raw.as_deref().unwrap().contains("007"));
+    assert!(
+        err.context()
+            .raw_snapshot
+            .as_deref()
+            .unwrap()
+            .contains("007")
+    );
+    assert_eq!(err.context().raw_event, None, "start has no causing event");
     assert!(recorder.is_empty());
     assert_eq!(source.subscribes.load(Ordering::SeqCst), 1);
     assert_eq!(source.unsubscribes.load(Ordering::SeqCst), 1);
@@ -263,7 +280,10 @@ async fn an_applier_that_causes_its_own_invalidation_converges() {
     )
     .build();
     h.start().await.unwrap();
-    h.wait_for_revision(Revision::new(5)).await.unwrap();
+    h.wait_for_revision(Revision::new(5))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4, 5]);
 }
 
@@ -314,7 +334,10 @@ async fn a_panicking_error_callback_does_not_stop_the_engine() {
     source.emit_raw(b"more garbage");
     settle().await;
     source.publish(2, json!(2));
-    h.wait_for_revision(Revision::new(2)).await.unwrap();
+    h.wait_for_revision(Revision::new(2))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(h.status(), Status::Live);
 }
 
@@ -345,7 +368,10 @@ async fn a_failing_or_panicking_applier_is_reported_and_retried_by_the_next_even
     settle().await;
     assert_eq!(h.local_revision(), Revision::new(1));
     source.publish(4, json!(4));
-    h.wait_for_revision(Revision::new(4)).await.unwrap();
+    h.wait_for_revision(Revision::new(4))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(errors.phases(), [Phase::Apply, Phase::Apply]);
 }
 
@@ -361,7 +387,10 @@ async fn many_invalidations_during_one_slow_fetch_cause_at_most_one_more_fetch()
     for r in 3..=100 {
         source.publish(r, json!(r));
     }
-    h.wait_for_revision(Revision::new(100)).await.unwrap();
+    h.wait_for_revision(Revision::new(100))
+        .within_limit()
+        .await
+        .unwrap();
     settle().await;
     assert_eq!(source.fetch_count(), 3, "start + in-flight + one coalesced");
     assert_eq!(
@@ -382,7 +411,10 @@ async fn should_refresh_can_veto_own_writes() {
     settle().await;
     assert_eq!(source.fetch_count(), 1);
     source.emit(&event(2).with_source_id("other"));
-    h.wait_for_revision(Revision::new(2)).await.unwrap();
+    h.wait_for_revision(Revision::new(2))
+        .within_limit()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -422,7 +454,10 @@ async fn connection_loss_is_observable_and_recovery_refreshes() {
     assert_eq!(errors.phases(), [Phase::Subscribe]);
     source.set(7, json!(7)); // the invalidation was missed
     sink.connection_restored();
-    h.wait_for_revision(Revision::new(7)).await.unwrap();
+    h.wait_for_revision(Revision::new(7))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(h.status(), Status::Live);
 }
 
@@ -443,7 +478,10 @@ async fn invalidations_during_start_are_not_lost() {
     starting.await.unwrap().unwrap();
     source.set(2, json!(2));
     permits.add_permits(1);
-    h.wait_for_revision(Revision::new(2)).await.unwrap();
+    h.wait_for_revision(Revision::new(2))
+        .within_limit()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -453,7 +491,7 @@ async fn wait_for_revision_fails_when_stopped() {
     h.start().await.unwrap();
     let waiter = tokio::spawn({
         let h = h.clone();
-        async move { h.wait_for_revision(Revision::new(9)).await }
+        async move { h.wait_for_revision(Revision::new(9)).within_limit().await }
     });
     settle().await;
     h.stop().await;
@@ -504,7 +542,10 @@ async fn initial_revision_makes_start_conditional() {
     assert_eq!(h.local_revision(), Revision::new(7));
 
     source.publish(8, json!("fresh"));
-    h.wait_for_revision(Revision::new(8)).await.unwrap();
+    h.wait_for_revision(Revision::new(8))
+        .within_limit()
+        .await
+        .unwrap();
     assert_eq!(recorder.last_data(), Some(json!("fresh")));
 }
 
@@ -522,7 +563,10 @@ async fn a_source_behind_the_replica_is_adopted_on_resync_only() {
 
     // From there, invalidations work again.
     source.publish(4, json!("next"));
-    h.wait_for_revision(Revision::new(4)).await.unwrap();
+    h.wait_for_revision(Revision::new(4))
+        .within_limit()
+        .await
+        .unwrap();
 
     // An invalidation-driven refresh never goes backwards...
     source.set(2, json!("older"));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{Answer, Errors, ScriptedSource, settle, topic};
 use serde_json::json;
-use state_sync::testkit::Recorder;
+use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{Phase, RetryPolicy, Revision, SyncHandle, Throttle};
 use tokio::time::{Instant, advance};
 
@@ -77,6 +77,34 @@ async fn throttle_leading_and_trailing_fires_at_once_then_at_the_window_end() {
     wait(2 * MS).await; // t = 101 ms
     assert_eq!(source.fetch_count(), 3, "one trailing fetch");
     assert_eq!(h.local_revision(), Revision::new(4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttle_refreshes_at_once_after_a_quiet_window() {
+    let source = ScriptedSource::new(0, json!(0));
+    let h = started(
+        &source,
+        |b| b.throttle(Throttle::new(100 * MS)),
+        &Errors::default(),
+    )
+    .await;
+    source.publish(1, json!(1));
+    settle().await;
+    assert_eq!(source.fetch_count(), 2, "leading edge at t = 0");
+    wait(150 * MS).await;
+    // The window of the t = 0 refresh ended at t = 100 with nothing queued:
+    // this invalidation is outside any window and refreshes at once.
+    source.publish(2, json!(2));
+    settle().await;
+    assert_eq!(source.fetch_count(), 3, "leading edge at t = 150, not 200");
+    assert_eq!(h.local_revision(), Revision::new(2));
+    // It opened a window of its own: one inside it waits for its end.
+    wait(50 * MS).await;
+    source.publish(3, json!(3));
+    settle().await;
+    assert_eq!(source.fetch_count(), 3);
+    wait(51 * MS).await; // t = 251 ms
+    assert_eq!(source.fetch_count(), 4, "trailing edge at t = 250");
 }
 
 #[tokio::test(start_paused = true)]
@@ -272,7 +300,23 @@ async fn invalidation_refresh_errors_are_reported_and_the_engine_keeps_running()
     source.publish(2, json!(2));
     settle().await;
     assert_eq!(errors.phases(), [Phase::GetSnapshot]);
-    assert_eq!(errors.all()[0].event_revision, Some(Revision::new(2)));
+    let reported = &errors.all()[0];
+    assert_eq!(reported.event_revision, Some(Revision::new(2)));
+    // The causing event travels with the error, and printing the error the
+    // obvious way says why it failed.
+    let raw: serde_json::Value =
+        serde_json::from_str(reported.raw_event.as_deref().unwrap()).unwrap();
+    assert_eq!(raw["revision"], "2");
+    assert_eq!(raw["topic"], "settings");
+    assert_eq!(reported.raw_snapshot, None);
+    assert!(
+        reported.message.ends_with("source down"),
+        "{}",
+        reported.message
+    );
     source.publish(3, json!(3));
-    h.wait_for_revision(Revision::new(3)).await.unwrap();
+    h.wait_for_revision(Revision::new(3))
+        .within_limit()
+        .await
+        .unwrap();
 }

@@ -14,6 +14,7 @@ use state_sync_net::{
 };
 use state_sync_storage::{Durability, FileStorage};
 
+use crate::platform::{self, shutdown_signal};
 use crate::{HubArgs, default_data_dir, exit};
 
 #[derive(Debug, Args)]
@@ -23,7 +24,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "STATESYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// The Unix socket to listen on (default: `hub.sock` in the data
-    /// directory).
+    /// directory; on Windows the default is a named pipe named after the
+    /// data directory).
     #[arg(long, env = "STATESYNC_SOCKET")]
     socket: Option<PathBuf>,
     /// Also listen for WebSocket clients on this address, e.g.
@@ -44,20 +46,6 @@ pub(crate) struct ServeArgs {
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending().await,
-            }
-        } => {}
-    }
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
@@ -106,16 +94,15 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         }
     };
     let server = Server::with_config(hub, ServerConfig::default(), access);
-    let socket = args.socket.unwrap_or_else(|| data_dir.join("hub.sock"));
-    let socket = match server.listen_unix(&socket).await {
-        Ok(path) => path,
-        Err(e) => {
-            return fail(
-                exit::FAILURE,
-                format!("cannot listen on {}: {e}", socket.display()),
-            );
-        }
-    };
+    let main_endpoint = args
+        .socket
+        .map_or_else(|| platform::default_endpoint(&data_dir), Endpoint::Unix);
+    if let Err(e) = platform::listen(&server, &main_endpoint).await {
+        return fail(
+            exit::FAILURE,
+            format!("cannot listen on {main_endpoint}: {e}"),
+        );
+    }
     let websocket = match &args.ws {
         Some(addr) => match server.listen_websocket(addr.as_str()).await {
             Ok(addr) => Some(addr.to_string()),
@@ -123,19 +110,25 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         },
         None => None,
     };
-    if let Some(name) = &args.local
-        && let Err(e) = server.listen_local(name).await
-    {
-        return fail(
-            exit::FAILURE,
-            format!("cannot listen on local socket {name}: {e}"),
-        );
+    let mut local = Vec::new();
+    if let Endpoint::Local(name) = &main_endpoint {
+        local.push(name.clone());
+    }
+    if let Some(name) = &args.local {
+        let extra = Endpoint::Local(name.clone());
+        if let Err(e) = platform::listen(&server, &extra).await {
+            return fail(exit::FAILURE, format!("cannot listen on {extra}: {e}"));
+        }
+        local.push(name.clone());
     }
     let ready = serde_json::json!({
         "event": "listening",
-        "socket": socket,
+        "socket": match &main_endpoint {
+            Endpoint::Unix(path) => Some(path),
+            _ => None,
+        },
         "websocket": websocket,
-        "local": args.local,
+        "local": local,
         "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
     });
     println!("{ready}");
@@ -184,12 +177,9 @@ pub(crate) fn endpoint(hub: &HubArgs) -> Endpoint {
         (Some(url), _, _) => Endpoint::WebSocket(url.clone()),
         (None, Some(name), _) => Endpoint::Local(name.clone()),
         (None, None, Some(socket)) => Endpoint::Unix(socket.clone()),
-        (None, None, None) => Endpoint::Unix(
-            hub.data_dir
-                .clone()
-                .unwrap_or_else(default_data_dir)
-                .join("hub.sock"),
-        ),
+        (None, None, None) => {
+            platform::default_endpoint(&hub.data_dir.clone().unwrap_or_else(default_data_dir))
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::Value;
 use state_sync::Revision;
-use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use state_sync_net::{Client, ClientError, ClientOptions};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -57,11 +57,11 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         .prefix("statesync-demo-")
         .tempdir()?;
     let exe = std::env::current_exe()?;
-    let socket = dir.path().join("hub.sock");
+    let endpoint = crate::platform::default_endpoint(dir.path());
     println!("statesync demo — hub store in {}", dir.path().display());
 
     let mut hub = start_hub(&exe, dir.path()).await?;
-    println!("hub listening on {}", socket.display());
+    println!("hub listening on {endpoint}");
 
     let seen: Seen = Arc::new(Mutex::new(vec![BTreeMap::new(); args.replicas as usize]));
     let fetched = Arc::new(AtomicU64::new(0));
@@ -69,7 +69,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     for i in 0..args.replicas as usize {
         replicas.push(start_replica(
             &exe,
-            &socket,
+            dir.path(),
             i,
             seen.clone(),
             fetched.clone(),
@@ -78,7 +78,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("{} replica processes watching `{TOPIC}`", args.replicas);
 
     // The topic starts at 0; every later write is a compare-and-set.
-    let setup = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("demo"));
+    let setup = Client::connect(endpoint.clone(), ClientOptions::new("demo"));
     setup.wait_connected().await;
     setup.set(TOPIC, &0u64, None).await?;
 
@@ -88,7 +88,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let writers: Vec<_> = ["writer-a", "writer-b"]
         .into_iter()
         .map(|name| {
-            let client = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new(name));
+            let client = Client::connect(endpoint.clone(), ClientOptions::new(name));
             tokio::spawn(increment_loop(
                 client,
                 args.writes,
@@ -164,7 +164,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     for replica in &mut replicas {
         let _ = replica.kill().await;
     }
-    stop_gracefully(&mut hub).await;
+    crate::platform::terminate(&mut hub).await;
 
     let expected = Value::from(total);
     let correct = final_value == expected;
@@ -308,14 +308,14 @@ async fn start_hub(exe: &Path, dir: &Path) -> Result<Child, Box<dyn std::error::
 
 fn start_replica(
     exe: &Path,
-    socket: &Path,
+    data_dir: &Path,
     index: usize,
     seen: Seen,
     fetched: Arc<AtomicU64>,
 ) -> Result<Child, Box<dyn std::error::Error>> {
     let mut child = Command::new(exe)
-        .args(["watch", TOPIC, "--log", "error", "--socket"])
-        .arg(socket)
+        .args(["watch", TOPIC, "--log", "error", "--data-dir"])
+        .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -337,22 +337,4 @@ fn start_replica(
         }
     });
     Ok(child)
-}
-
-/// SIGTERM through `kill(1)`, then wait; SIGKILL if it does not stop.
-async fn stop_gracefully(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .await;
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_ok()
-        {
-            return;
-        }
-    }
-    let _ = child.kill().await;
 }

@@ -2,6 +2,7 @@
 
 mod commands;
 mod demo;
+mod platform;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,7 +86,8 @@ enum Command {
 /// How to reach a hub; shared by `get`, `set` and `watch`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct HubArgs {
-    /// The hub's Unix socket (default: `hub.sock` in the data directory).
+    /// The hub's Unix socket (default: `hub.sock` in the data directory; on
+    /// Windows the default is a named pipe named after the data directory).
     #[arg(long, env = "STATESYNC_SOCKET", conflicts_with_all = ["url", "local"])]
     socket: Option<PathBuf>,
     /// The hub's WebSocket URL, e.g. `ws://127.0.0.1:7700`.

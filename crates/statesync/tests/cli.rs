@@ -1,6 +1,7 @@
 //! The real `statesync` binary, in separate processes over real sockets:
 //! serve/set/get/watch round trips, exit codes, a hub killed with SIGKILL
-//! and restarted, and the demo.
+//! and restarted, and the demo. Unix: it drives the hub over Unix sockets.
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::{Value, json};
 use state_sync::Revision;
+use state_sync::testkit::WithinLimit;
 use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
 
 fn statesync() -> Command {
@@ -288,7 +290,7 @@ async fn watchers_converge_and_survive_a_sigkilled_hub_without_losing_acknowledg
         .collect();
 
     let writer = Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("writer"));
-    writer.wait_connected().await;
+    writer.wait_connected().within_limit().await;
     let mut acked: Vec<(Revision, u64)> = Vec::new();
     let mut value = 0u64;
     for round in 0..2 {
@@ -314,7 +316,7 @@ async fn watchers_converge_and_survive_a_sigkilled_hub_without_losing_acknowledg
             // Everything acknowledged before the kill survived.
             let reader =
                 Client::connect(Endpoint::Unix(socket.clone()), ClientOptions::new("check"));
-            reader.wait_connected().await;
+            reader.wait_connected().within_limit().await;
             let (revision, data) = reader.get_json("counter").await.unwrap();
             assert_eq!(revision, acked.last().unwrap().0);
             assert_eq!(serde_json::from_slice::<u64>(&data).unwrap(), value);

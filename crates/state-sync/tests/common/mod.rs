@@ -211,7 +211,9 @@ pub struct Reported {
     pub will_retry: bool,
     pub attempt: Option<u32>,
     pub retry_delay: Option<Duration>,
-    pub raw: Option<String>,
+    pub raw_event: Option<String>,
+    pub raw_snapshot: Option<String>,
+    pub message: String,
     pub event_revision: Option<Revision>,
     pub at: tokio::time::Instant,
 }
@@ -225,7 +227,9 @@ impl Errors {
                 will_retry: e.will_retry(),
                 attempt: e.context().attempt,
                 retry_delay: e.context().retry_delay,
-                raw: e.context().raw.clone(),
+                raw_event: e.context().raw_event.clone(),
+                raw_snapshot: e.context().raw_snapshot.clone(),
+                message: e.to_string(),
                 event_revision: e.context().event_revision,
                 at: tokio::time::Instant::now(),
             });
