@@ -611,10 +611,9 @@ async fn local_stream(
     match endpoint {
         #[cfg(unix)]
         Endpoint::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path)
+            let (read, write) = crate::platform::connect_unix(path)
                 .await
                 .map_err(|e| retry(&e))?;
-            let (read, write) = stream.into_split();
             Ok(frames::length_delimited(read, write, max))
         }
         Endpoint::Local(name) => {

@@ -19,6 +19,7 @@
 mod access;
 mod client;
 mod frames;
+mod platform;
 pub mod protocol;
 mod server;
 

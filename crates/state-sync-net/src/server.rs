@@ -14,8 +14,6 @@ use futures::{SinkExt, StreamExt};
 use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_hub::{Error as HubError, Hub};
 use tokio::net::TcpListener;
-#[cfg(unix)]
-use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -213,17 +211,7 @@ impl Server {
     #[cfg(unix)]
     pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {
         let path = path.as_ref().to_owned();
-        if path.exists() {
-            if tokio::net::UnixStream::connect(&path).await.is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("a server is already listening at {}", path.display()),
-                ));
-            }
-            std::fs::remove_file(&path)?;
-        }
-        let listener = UnixListener::bind(&path)?;
-        set_owner_only(&path)?;
+        let listener = crate::platform::bind_unix(&path).await?;
         lock(&self.shared.unix_paths).push(path.clone());
         tracing::info!(path = %path.display(), "listening on unix socket");
         let accepted = futures::stream::unfold(listener, |listener| async move {
@@ -396,12 +384,6 @@ where
     shared
         .tasks
         .spawn(serve(shared.clone(), frames, sink, peer.to_owned()));
-}
-
-#[cfg(unix)]
-fn set_owner_only(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// One connection's outgoing invalidation frames: the newest per topic.

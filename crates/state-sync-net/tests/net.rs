@@ -697,3 +697,20 @@ async fn each_revision_is_encoded_once_for_every_connection() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_unix_socket_is_private_to_its_user_and_a_live_one_is_not_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_doc, server, path, dir) = served_doc().await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // The private directory it was bound in is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [path.file_name().unwrap()], "{left:?}");
+    let again = Server::new(Hub::in_memory()).listen_unix(&path).await;
+    assert_eq!(again.unwrap_err().kind(), std::io::ErrorKind::AddrInUse);
+    server.shutdown().await;
+}
