@@ -34,7 +34,10 @@ mod unix {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let name = path.file_name().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "a socket path needs a file name")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a socket path needs a file name",
+            )
         })?;
         let mut private = name.to_owned();
         private.push(format!(".{}.bind", std::process::id()));

@@ -23,6 +23,15 @@ pub enum Error {
         /// The topic.
         topic: String,
     },
+    /// The window's capabilities lack the plugin permission of an
+    /// un-prefixed (app-level) command: `state-sync:allow-<command>`.
+    #[error("window `{window}` is not allowed to run `{command}`: its capabilities lack `state-sync:allow-{}`", command.replace('_', "-"))]
+    NotAllowed {
+        /// The command (`get_snapshot`, `set`).
+        command: &'static str,
+        /// The window's label.
+        window: String,
+    },
     /// `expectedRevision` is not a canonical decimal string.
     #[error("invalid revision `{0}`")]
     InvalidRevision(String),
@@ -36,13 +45,14 @@ pub enum Error {
 
 impl Error {
     /// A stable code: the hub's codes (`unknown_topic`, `conflict`,
-    /// `invalid_data`, …), `forbidden`, `invalid_revision`, `storage`,
-    /// `internal`.
+    /// `invalid_data`, …), `forbidden`, `not_allowed`, `invalid_revision`,
+    /// `storage`, `internal`.
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
             Error::Hub(e) => e.code(),
             Error::Forbidden { .. } => "forbidden",
+            Error::NotAllowed { .. } => "not_allowed",
             Error::InvalidRevision(_) => "invalid_revision",
             Error::Storage(_) => "storage",
             Error::Tauri(_) => "internal",

@@ -4,9 +4,12 @@
 //! - Topics (typed `serde` state or raw JSON) live in a
 //!   [`Hub`], persisted crash-safely under the app's
 //!   data directory by default.
-//! - Every committed change emits the invalidation event (default
-//!   `state-sync:invalidation`) with payload `{topic, revision, sourceId?}`
-//!   to every webview; `sourceId` is the label of the window that wrote.
+//! - Every committed change is an invalidation `{topic, revision,
+//!   sourceId?}` (`sourceId`: the label of the window that wrote), delivered
+//!   only to windows that may read the topic: as the event
+//!   `state-sync:invalidation` (configurable) when every window may read it,
+//!   and through the channels windows open with the `listen` command (see
+//!   [`commands::listen`]) for topics limited to some windows.
 //! - Command `get_snapshot` with `{topic}` returns `{revision, data}`, the
 //!   shape `createTauriSnapshotProvider` expects; command `set` with
 //!   `{topic, data, expectedRevision?}` writes (compare-and-set with
@@ -38,8 +41,9 @@
 //!         )
 //!         // For windows that invoke the un-prefixed `get_snapshot` (the
 //!         // JavaScript quickstart's default), register the same commands
-//!         // on the app too:
-//!         .invoke_handler(tauri_plugin_state_sync::app_commands!())
+//!         // on the app too, guarded by the same permissions (see [`commands`]);
+//!         // the app's own commands go in the same list:
+//!         .invoke_handler(tauri_plugin_state_sync::app_commands![])
 //!         .run(context)
 //!         .expect("error while running tauri application");
 //! }
@@ -52,16 +56,19 @@
 //! ```
 //!
 //! Without `windows`, every window may use every topic. With it, a window
-//! uses the patterns under its label, or else under `"*"`, or none.
+//! uses the patterns under its label, or else under `"*"`, or none. A topic
+//! that some window may not read is delivered only through `listen`
+//! channels, never as a Tauri event (which every window could receive).
 
 pub mod commands;
 mod error;
+mod listeners;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -69,9 +76,15 @@ use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_hub::{Hub, HubTopic, TopicValue};
 use state_sync_storage::FileStorage;
 use tauri::plugin::TauriPlugin;
-use tauri::{AppHandle, Emitter, Manager, RunEvent, Runtime};
+use tauri::webview::PageLoadEvent;
+use tauri::{Manager, RunEvent, Runtime, WindowEvent};
 
 pub use error::{Error, Result};
+use listeners::Listeners;
+
+/// The plugin's name: commands are `plugin:state-sync|…`, permissions
+/// `state-sync:…`.
+pub const PLUGIN_NAME: &str = "state-sync";
 
 /// The invalidation event's default name, as in `@statesync/tauri`.
 pub const DEFAULT_EVENT_NAME: &str = "state-sync:invalidation";
@@ -93,11 +106,23 @@ impl Config {
         let Some(patterns) = self.windows.get(window).or_else(|| self.windows.get("*")) else {
             return false;
         };
-        patterns.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => topic.as_str().starts_with(prefix),
-            None => p == topic.as_str(),
-        })
+        matches_any(patterns, topic)
     }
+
+    /// Whether every window, whatever its label, may read `topic`: only
+    /// then may it travel as a Tauri event.
+    fn readable_by_every_window(&self, topic: &Topic) -> bool {
+        self.windows.is_empty()
+            || (self.windows.contains_key("*")
+                && self.windows.values().all(|p| matches_any(p, topic)))
+    }
+}
+
+fn matches_any(patterns: &[String], topic: &Topic) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => topic.as_str().starts_with(prefix),
+        None => p == topic.as_str(),
+    })
 }
 
 /// The payload of the invalidation event: `{topic, revision, sourceId?}`.
@@ -203,10 +228,12 @@ impl Builder {
             event_name,
             storage,
         } = self;
-        tauri::plugin::Builder::<R, Option<Config>>::new("state-sync")
+        tauri::plugin::Builder::<R, Option<Config>>::new(PLUGIN_NAME)
             .invoke_handler(tauri::generate_handler![
                 commands::get_snapshot,
-                commands::set
+                commands::set,
+                commands::listen,
+                commands::unlisten
             ])
             .setup(move |app, api| {
                 let hub = match storage {
@@ -222,11 +249,10 @@ impl Builder {
                     }
                     hub.open_stored_topics().await
                 })?;
+                let config = api.config().clone().unwrap_or_default();
                 let state = StateSync {
-                    app: app.clone(),
                     hub,
-                    config: api.config().clone().unwrap_or_default(),
-                    event_name,
+                    listeners: Arc::new(Listeners::new(app.clone(), config, event_name)),
                     emitters: Mutex::new(Emitters::default()),
                 };
                 for topic in state.hub.topics() {
@@ -235,25 +261,57 @@ impl Builder {
                 app.manage(state);
                 Ok(())
             })
-            .on_event(|app, event| {
-                if let RunEvent::Exit = event
-                    && let Some(state) = app.try_state::<StateSync<R>>()
+            .on_page_load(|webview, payload| {
+                // A reloaded page has lost its channels' callbacks.
+                if payload.event() == PageLoadEvent::Started
+                    && let Some(state) = webview.try_state::<StateSync<R>>()
                 {
+                    state.listeners.forget_window(webview.window().label());
+                }
+            })
+            .on_event(|app, event| {
+                let Some(state) = app.try_state::<StateSync<R>>() else {
+                    return;
+                };
+                match event {
+                    RunEvent::WindowEvent {
+                        label,
+                        event: WindowEvent::Destroyed,
+                        ..
+                    } => state.listeners.forget_window(label),
                     // Every acknowledged write is stored; wait for queued ones.
-                    tauri::async_runtime::block_on(state.hub.close());
+                    RunEvent::Exit => tauri::async_runtime::block_on(state.hub.close()),
+                    _ => {}
                 }
             })
             .build()
     }
 }
 
-/// Registers the plugin's commands as app commands too, so windows can
-/// invoke the un-prefixed `get_snapshot` and `set` (the names the
-/// JavaScript packages default to). Use as the app's `invoke_handler`.
+/// An app `invoke_handler` with the plugin's commands as app commands, so
+/// windows can invoke the un-prefixed `get_snapshot` and `set` (the names
+/// the JavaScript packages default to), guarded by the plugin's
+/// permissions (see [`commands`]). The app's own commands go in the
+/// brackets.
+///
+/// ```no_run
+/// #[tauri::command]
+/// fn greet(name: String) -> String {
+///     format!("hello {name}")
+/// }
+///
+/// fn run(context: tauri::Context<tauri::Wry>) {
+///     tauri::Builder::default()
+///         .plugin(tauri_plugin_state_sync::Builder::new().build())
+///         .invoke_handler(tauri_plugin_state_sync::app_commands![greet])
+///         .run(context)
+///         .expect("error while running tauri application");
+/// }
+/// ```
 #[macro_export]
 macro_rules! app_commands {
-    () => {
-        ::tauri::generate_handler![$crate::commands::get_snapshot, $crate::commands::set]
+    ($($command:path),* $(,)?) => {
+        ::tauri::generate_handler![$($command,)* $crate::commands::get_snapshot, $crate::commands::set]
     };
 }
 
@@ -266,10 +324,8 @@ struct Emitters {
 /// The plugin's state: the hub and its event emitters. Reach it with
 /// [`StateSyncExt::state_sync`].
 pub struct StateSync<R: Runtime> {
-    app: AppHandle<R>,
     hub: Hub,
-    config: Config,
-    event_name: String,
+    listeners: Arc<Listeners<R>>,
     emitters: Mutex<Emitters>,
 }
 
@@ -277,7 +333,7 @@ impl<R: Runtime> std::fmt::Debug for StateSync<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateSync")
             .field("hub", &self.hub)
-            .field("event_name", &self.event_name)
+            .field("channels", &self.listeners.len())
             .finish_non_exhaustive()
     }
 }
@@ -308,7 +364,19 @@ impl<R: Runtime> StateSync<R> {
     /// Whether the window `label` may use `topic`.
     #[must_use]
     pub fn window_may_access(&self, label: &str, topic: &Topic) -> bool {
-        self.config.allows(label, topic)
+        self.listeners.config().allows(label, topic)
+    }
+
+    /// Opens a channel for `window`, as the `listen` command does: it
+    /// receives the invalidations of every topic the window may read.
+    /// Returns the id to close it with [`unlisten`](Self::unlisten).
+    pub fn listen(&self, window: &str, channel: tauri::ipc::Channel<InvalidationPayload>) -> u32 {
+        self.listeners.listen(window, channel)
+    }
+
+    /// Closes `window`'s channel `id`; whether it was open.
+    pub fn unlisten(&self, window: &str, id: u32) -> bool {
+        self.listeners.unlisten(window, id)
     }
 
     /// Emits the invalidation event for every change of `topic`, once.
@@ -316,17 +384,13 @@ impl<R: Runtime> StateSync<R> {
         if !lock(&self.emitters).topics.insert(topic.clone()) {
             return Ok(());
         }
-        let app = self.app.clone();
-        let event_name = self.event_name.clone();
+        let listeners = self.listeners.clone();
         let sink = InvalidationSink::from_fn(topic.clone(), move |event| {
-            let payload = InvalidationPayload {
+            listeners.deliver(&InvalidationPayload {
                 topic: event.topic.clone(),
                 revision: event.revision,
                 source_id: event.source_id.clone(),
-            };
-            if let Err(e) = app.emit(&event_name, payload) {
-                tracing::warn!(topic = %event.topic, error = %e, "cannot emit the invalidation event");
-            }
+            });
         });
         let subscription = self.hub.subscribe(topic, sink).await.map_err(|_| {
             state_sync_hub::Error::UnknownTopic {

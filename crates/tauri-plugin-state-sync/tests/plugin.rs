@@ -17,11 +17,26 @@ struct Settings {
     volume: u8,
 }
 
+/// What a capability with `state-sync:default` and `state-sync:allow-set`
+/// grants, plus whatever `extra` names.
+fn context_granting(commands: &[&str]) -> tauri::Context<MockRuntime> {
+    let mut context = mock_context(noop_assets());
+    for command in commands {
+        context.runtime_authority_mut().__allow_command(
+            format!("plugin:state-sync|{command}"),
+            tauri::utils::acl::ExecutionContext::Local,
+        );
+    }
+    context
+}
+
+const READ_WRITE: &[&str] = &["get_snapshot", "set", "listen", "unlisten"];
+
 fn app(plugin: Builder) -> App<MockRuntime> {
     mock_builder()
         .plugin(plugin.build())
-        .invoke_handler(tauri_plugin_state_sync::app_commands!())
-        .build(mock_context(noop_assets()))
+        .invoke_handler(tauri_plugin_state_sync::app_commands![])
+        .build(context_granting(READ_WRITE))
         .unwrap()
 }
 
@@ -188,7 +203,7 @@ fn bad_arguments_and_unknown_topics_are_errors_not_panics() {
 
 #[test]
 fn windows_are_limited_to_their_configured_topics() {
-    let mut context = mock_context(noop_assets());
+    let mut context = context_granting(READ_WRITE);
     context.config_mut().plugins.0.insert(
         "state-sync".into(),
         json!({"windows": {"prefs": ["settings"], "*": ["public:*"]}}),
@@ -201,7 +216,7 @@ fn windows_are_limited_to_their_configured_topics() {
                 .json_topic("public:news", json!([]))
                 .build(),
         )
-        .invoke_handler(tauri_plugin_state_sync::app_commands!())
+        .invoke_handler(tauri_plugin_state_sync::app_commands![])
         .build(context)
         .unwrap();
     let prefs = window(&app, "prefs");
@@ -266,12 +281,8 @@ fn revisions_continue_after_the_app_restarts_on_the_same_data_directory() {
 
 #[test]
 fn plugin_commands_follow_the_capabilities_reading_by_default_writing_opt_in() {
-    let mut context = mock_context(noop_assets());
     // What a capability with `state-sync:default` grants: reading only.
-    context.runtime_authority_mut().__allow_command(
-        "plugin:state-sync|get_snapshot".into(),
-        tauri::utils::acl::ExecutionContext::Local,
-    );
+    let context = context_granting(&["get_snapshot"]);
     let app = mock_builder()
         .plugin(
             Builder::new()
@@ -298,18 +309,217 @@ fn plugin_commands_follow_the_capabilities_reading_by_default_writing_opt_in() {
     assert!(denied.as_str().unwrap().contains("not allowed"), "{denied}");
 }
 
-/// Feeds the emitted payloads and `get_snapshot` answers to a JavaScript
-/// engine implementing the revision gate (skipped when `node` is missing).
+#[tauri::command]
+fn greet(name: String) -> String {
+    format!("hello {name}")
+}
+
+/// A window whose capability grants only `grants`, with the un-prefixed
+/// commands registered next to one of the app's own.
+fn app_granting(grants: &[&str]) -> App<MockRuntime> {
+    mock_builder()
+        .plugin(
+            Builder::new()
+                .in_memory()
+                .topic("settings", Settings::default)
+                .build(),
+        )
+        .invoke_handler(tauri_plugin_state_sync::app_commands![greet])
+        .build(context_granting(grants))
+        .unwrap()
+}
+
 #[test]
-fn a_javascript_engine_converges_on_what_the_plugin_emits() {
+fn un_prefixed_commands_are_guarded_by_the_plugin_permissions() {
+    // Reading only: `set` is refused under both names, and nothing is written.
+    let app = app_granting(&["get_snapshot"]);
+    let seen = events(&app);
+    let a = window(&app, "a");
+    let write = json!({"topic": "settings", "data": {"theme": "x", "volume": 1}});
+    let denied = invoke(&a, "set", write.clone()).unwrap_err();
+    assert_eq!(denied["code"], "not_allowed", "{denied}");
+    assert!(
+        denied["message"]
+            .as_str()
+            .unwrap()
+            .contains("state-sync:allow-set"),
+        "{denied}"
+    );
+    assert!(invoke(&a, "plugin:state-sync|set", write).is_err());
+    let got = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(got["data"], json!({"theme": "", "volume": 0}));
+    assert!(seen.lock().unwrap().is_empty(), "nothing was written");
+
+    // No reading either: `get_snapshot` is refused too.
+    let app = app_granting(&[]);
+    let a = window(&app, "a");
+    let denied = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap_err();
+    assert_eq!(denied["code"], "not_allowed", "{denied}");
+    assert!(
+        invoke(
+            &a,
+            "plugin:state-sync|get_snapshot",
+            json!({"topic": "settings"})
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn app_commands_compose_with_the_apps_own_commands() {
+    let app = app_granting(READ_WRITE);
+    let a = window(&app, "a");
+    assert_eq!(
+        invoke(&a, "greet", json!({"name": "window"})).unwrap(),
+        "hello window"
+    );
+    let written = invoke(
+        &a,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "dark", "volume": 2}}),
+    )
+    .unwrap();
+    let got = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
+    assert_eq!(got["revision"], written["revision"]);
+}
+
+/// An app where `prefs` may read `settings` and every window `public:*`.
+fn limited_app() -> App<MockRuntime> {
+    let mut context = context_granting(READ_WRITE);
+    context.config_mut().plugins.0.insert(
+        "state-sync".into(),
+        json!({"windows": {"prefs": ["settings", "public:*"], "*": ["public:*"]}}),
+    );
+    mock_builder()
+        .plugin(
+            Builder::new()
+                .in_memory()
+                .topic("settings", Settings::default)
+                .json_topic("public:news", json!([]))
+                .build(),
+        )
+        .invoke_handler(tauri_plugin_state_sync::app_commands![])
+        .build(context)
+        .unwrap()
+}
+
+/// A channel as the `listen` command receives one, recording payloads.
+fn recording_channel() -> (
+    tauri::ipc::Channel<tauri_plugin_state_sync::InvalidationPayload>,
+    Arc<Mutex<Vec<Value>>>,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let channel = tauri::ipc::Channel::new(move |body| {
+        let tauri::ipc::InvokeResponseBody::Json(json) = body else {
+            panic!("not JSON");
+        };
+        log.lock()
+            .unwrap()
+            .push(serde_json::from_str(&json).unwrap());
+        Ok(())
+    });
+    (channel, seen)
+}
+
+#[test]
+fn invalidations_reach_only_windows_that_may_read_the_topic() {
+    let app = limited_app();
+    let events = events(&app);
+    let prefs = window(&app, "prefs");
+    let other = window(&app, "other");
+    let (prefs_channel, to_prefs) = recording_channel();
+    let (other_channel, to_other) = recording_channel();
+    app.state_sync().listen("prefs", prefs_channel);
+    app.state_sync().listen("other", other_channel);
+
+    let settings = invoke(
+        &prefs,
+        "set",
+        json!({"topic": "settings", "data": {"theme": "secret", "volume": 1}}),
+    )
+    .unwrap();
+    // Limited to `prefs`: its channel only, never a Tauri event (which any
+    // window's global `listen` would receive).
+    let expected =
+        json!({"topic": "settings", "revision": settings["revision"], "sourceId": "prefs"});
+    assert_eq!(to_prefs.lock().unwrap().as_slice(), [expected]);
+    assert!(to_other.lock().unwrap().is_empty(), "leaked to `other`");
+    assert!(events.lock().unwrap().is_empty(), "leaked as an event");
+
+    // Readable by every window: an event, and every channel.
+    let news = invoke(&other, "set", json!({"topic": "public:news", "data": [1]})).unwrap();
+    let expected =
+        json!({"topic": "public:news", "revision": news["revision"], "sourceId": "other"});
+    assert_eq!(events.lock().unwrap().as_slice(), [expected.clone()]);
+    assert_eq!(to_other.lock().unwrap().as_slice(), [expected.clone()]);
+    assert_eq!(to_prefs.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn listen_and_unlisten_through_the_ipc_path() {
+    let app = limited_app();
+    let prefs = window(&app, "prefs");
+    let other = window(&app, "other");
+    let id = invoke(
+        &prefs,
+        "plugin:state-sync|listen",
+        json!({"onEvent": "__CHANNEL__:41"}),
+    )
+    .unwrap();
+    assert!(id.as_u64().unwrap() > 0, "{id}");
+    // Another window cannot close it; its own window can, once.
+    let by_other = invoke(&other, "plugin:state-sync|unlisten", json!({"id": id})).unwrap();
+    assert_eq!(by_other, false);
+    let closed = invoke(&prefs, "plugin:state-sync|unlisten", json!({"id": id})).unwrap();
+    assert_eq!(closed, true);
+    let again = invoke(&prefs, "plugin:state-sync|unlisten", json!({"id": id})).unwrap();
+    assert_eq!(again, false);
+}
+
+/// Runs `node` on a script in `tests/js`; `false` when node is missing and
+/// `STATESYNC_SKIP_NODE_TESTS=1` says to skip (without it, a missing node
+/// fails the test).
+fn node(script: &str, args: &[&std::path::Path]) -> Option<std::process::Output> {
     if std::process::Command::new("node")
         .arg("--version")
         .output()
         .is_err()
     {
-        eprintln!("node not found; skipping");
-        return;
+        assert!(
+            std::env::var_os("STATESYNC_SKIP_NODE_TESTS").is_some_and(|v| v == "1"),
+            "node not found: install Node.js, or set STATESYNC_SKIP_NODE_TESTS=1 to skip"
+        );
+        eprintln!("node not found; skipped (STATESYNC_SKIP_NODE_TESTS=1)");
+        return None;
     }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/js")
+        .join(script);
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(out)
+}
+
+#[test]
+fn the_javascript_listen_adapter_has_the_shape_of_tauris_listen() {
+    if let Some(out) = node("listen.mjs", &[]) {
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    }
+}
+
+/// Feeds the emitted payloads and `get_snapshot` answers to a JavaScript
+/// engine implementing the revision gate.
+#[test]
+fn a_javascript_engine_converges_on_what_the_plugin_emits() {
     let app = settings_app();
     let seen = events(&app);
     let a = window(&app, "a");
@@ -338,17 +548,9 @@ fn a_javascript_engine_converges_on_what_the_plugin_emits() {
         json!({"topic": "settings", "initial": initial, "steps": steps}).to_string(),
     )
     .unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/gate.mjs");
-    let out = std::process::Command::new("node")
-        .arg(script)
-        .arg(&transcript)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Some(out) = node("gate.mjs", &[&transcript]) else {
+        return;
+    };
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     let last = invoke(&a, "get_snapshot", json!({"topic": "settings"})).unwrap();
     assert_eq!(summary["revision"], last["revision"]);
