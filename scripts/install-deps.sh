@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Installs the system libraries the workspace needs (Tauri's Linux backend,
-# WebKitGTK), unless they are already there. Needs root for apt-get.
+# Installs what the tests need, unless it is already there: the system
+# libraries of Tauri's Linux backend (WebKitGTK) and Node.js (JavaScript
+# tests). One `apt-get update`, then one `apt-get install`. Needs root for
+# apt-get.
 set -euo pipefail
 
-if pkg-config --exists webkit2gtk-4.1 javascriptcoregtk-4.1 libsoup-3.0 gtk+-3.0 2>/dev/null; then
+missing=()
+if ! pkg-config --exists webkit2gtk-4.1 javascriptcoregtk-4.1 libsoup-3.0 gtk+-3.0 2>/dev/null; then
+  missing+=(pkg-config libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev libjavascriptcoregtk-4.1-dev)
+fi
+if ! command -v node >/dev/null 2>&1; then
+  missing+=(nodejs)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install WebKitGTK 4.1, GTK 3 and libsoup 3 development packages for your system" >&2
+  echo "install these (or your system's equivalents): ${missing[*]}" >&2
   exit 1
 fi
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq pkg-config libwebkit2gtk-4.1-dev libgtk-3-dev libsoup-3.0-dev \
-  libjavascriptcoregtk-4.1-dev >/dev/null
+$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

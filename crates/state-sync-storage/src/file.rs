@@ -1,6 +1,6 @@
 //! [`FileStorage`]: one crash-safe file per topic, the embedded default.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,13 +92,16 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 
 impl FileStorage {
     /// Opens (creating if needed) a storage directory, fsync-every-store.
+    /// On Unix a directory it creates is `0700` and record files are
+    /// `0600`: only the user running the process can read them. An existing
+    /// directory open to others is used as it is, with a warning.
     ///
     /// # Errors
     ///
     /// When the directory cannot be created.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        platform::create_private_dir(dir).map_err(io_error(dir))?;
         Ok(FileStorage {
             dir: Arc::new(dir.to_owned()),
             durability: Durability::default(),
@@ -272,10 +275,7 @@ fn store_file_with(
 ) -> Result<()> {
     let durable = durability == Durability::Fsync;
     let tmp = with_suffix(path, ".tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
+    let mut file = platform::private_file_options()
         .open(&tmp)
         .map_err(io_error(&tmp))?;
     file.write_all(&encode(record)).map_err(io_error(&tmp))?;
@@ -401,9 +401,30 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_directory_and_record_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("a/store");
+        let storage = FileStorage::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&parent.path().join("a")), 0o700);
+        let topic = Topic::new("settings").unwrap();
+        let path = storage.path_of(&topic);
+        for revision in 1..=2 {
+            let record = Record::new(Revision::new(revision), &b"{}"[..]);
+            store_file(&dir, &path, &record, Durability::Fsync).unwrap();
+        }
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&with_suffix(&path, ".bak")), 0o600);
+    }
+
     #[test]
     fn topic_file_names_round_trip() {
-        let storage = FileStorage::open(std::env::temp_dir()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FileStorage::open(dir.path()).unwrap();
         for name in ["settings", "cart:user:42", "é / ..", " x"] {
             let topic = Topic::new(name).unwrap();
             let path = storage.path_of(&topic);

@@ -10,7 +10,14 @@
 //!   write-through instead (`MoveFileExW` with `MOVEFILE_WRITE_THROUGH`,
 //!   through the `atomicwrites` crate), which returns once the rename is on
 //!   disk.
+//!
+//! Files are private to the user running the process: on Unix a directory
+//! the store creates is `0700` and record files are `0600`, whatever the
+//! umask; on
+//! Windows they inherit the ACL of the directory they are created in (by
+//! default, the user's profile is private to them).
 
+use std::fs::OpenOptions;
 use std::io;
 use std::path::Path;
 
@@ -36,4 +43,41 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(not(unix))]
 pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
+}
+
+/// Creates `dir` and its missing parents, `0700` on Unix. An existing
+/// directory is left as it is (it may be shared on purpose), with a warning
+/// when other users may read it.
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format_args!("{:o}", mode & 0o777),
+                "the storage directory is open to other users; `chmod 700` it to keep them from listing topics"
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir)
+    }
+}
+
+/// Options that create (or truncate) a file only this user can read: `0600`
+/// on Unix.
+pub(crate) fn private_file_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
 }

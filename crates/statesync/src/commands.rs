@@ -55,20 +55,15 @@ fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
 
 pub(crate) async fn serve(args: ServeArgs) -> u8 {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-    if let Err(e) = std::fs::create_dir_all(&data_dir) {
-        return fail(
-            exit::FAILURE,
-            format!("cannot create {}: {e}", data_dir.display()),
-        );
-    }
     let durability = if args.no_fsync {
         Durability::NoFsync
     } else {
         Durability::Fsync
     };
+    // Creates the data directory too, `0700` on Unix (the socket lives there).
     let storage = match FileStorage::open(data_dir.join("store")) {
         Ok(s) => s.durability(durability),
-        Err(e) => return fail(exit::FAILURE, e),
+        Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
     };
     let mut access = match &args.access {
         Some(path) => match std::fs::read_to_string(path)

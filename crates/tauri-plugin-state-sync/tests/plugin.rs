@@ -451,8 +451,14 @@ fn invalidations_reach_only_windows_that_may_read_the_topic() {
     let news = invoke(&other, "set", json!({"topic": "public:news", "data": [1]})).unwrap();
     let expected =
         json!({"topic": "public:news", "revision": news["revision"], "sourceId": "other"});
-    assert_eq!(events.lock().unwrap().as_slice(), [expected.clone()]);
-    assert_eq!(to_other.lock().unwrap().as_slice(), [expected.clone()]);
+    assert_eq!(
+        events.lock().unwrap().as_slice(),
+        std::slice::from_ref(&expected)
+    );
+    assert_eq!(
+        to_other.lock().unwrap().as_slice(),
+        std::slice::from_ref(&expected)
+    );
     assert_eq!(to_prefs.lock().unwrap().len(), 2);
 }
 
