@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -209,7 +209,7 @@ impl Server {
     ///
     /// Binding fails, or another server is listening at `path`.
     #[cfg(unix)]
-    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {
+    pub async fn listen_unix(    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {self, path: impl AsRef<std::path::Path>) -> io::Result<PathBuf> {
         let path = path.as_ref().to_owned();
         let listener = crate::platform::bind_unix(&path).await?;
         lock(&self.shared.unix_paths).push(path.clone());
