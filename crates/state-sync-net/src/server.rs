@@ -209,7 +209,7 @@ impl Server {
     ///
     /// Binding fails, or another server is listening at `path`.
     #[cfg(unix)]
-    pub async fn listen_unix(    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> io::Result<PathBuf> {self, path: impl AsRef<std::path::Path>) -> io::Result<PathBuf> {
+    pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> io::Result<PathBuf> {
         let path = path.as_ref().to_owned();
         let listener = crate::platform::bind_unix(&path).await?;
         lock(&self.shared.unix_paths).push(path.clone());
