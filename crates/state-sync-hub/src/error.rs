@@ -84,6 +84,37 @@ pub enum Error {
         /// The topic.
         topic: Topic,
     },
+    /// The value, as the hub encodes it, is larger than the write's limit
+    /// ([`Hub::set_json_limited`](crate::Hub::set_json_limited)): it could
+    /// never be served. Nothing was committed.
+    #[error("`{topic}` would hold {bytes} bytes of JSON, over the limit of {limit}")]
+    TooLarge {
+        /// The topic.
+        topic: Topic,
+        /// The encoded value's size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Opening the topic would pass the hub's topic limit
+    /// ([`HubBuilder::max_topics`](crate::HubBuilder::max_topics)).
+    #[error("the hub already has {limit} topics, its limit; `{topic}` was not created")]
+    TooManyTopics {
+        /// The topic that was not created.
+        topic: Topic,
+        /// The limit.
+        limit: usize,
+    },
+    /// The topic's stored record is damaged (corrupt file, or data that
+    /// does not decode): it is quarantined and refuses reads and writes
+    /// until an operator restores or removes it. Other topics serve.
+    #[error("topic `{topic}` is damaged and quarantined: {reason}")]
+    Damaged {
+        /// The topic.
+        topic: Topic,
+        /// What is wrong (for logs; may name server paths).
+        reason: String,
+    },
     /// The hub is closed (or closing) and takes no more writes.
     #[error("the hub is closed")]
     Closed,
@@ -93,7 +124,8 @@ impl Error {
     /// A stable, machine-readable code for this error, used on the wire by
     /// the transports: `invalid_topic`, `unknown_topic`, `type_mismatch`,
     /// `conflict`, `invalid_data`, `encode`, `update_failed`, `storage`,
-    /// `revisions_exhausted`, `closed`.
+    /// `revisions_exhausted`, `too_large`, `too_many_topics`, `damaged`,
+    /// `closed`.
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
@@ -106,6 +138,9 @@ impl Error {
             Error::Update { .. } => "update_failed",
             Error::Storage { .. } => "storage",
             Error::RevisionsExhausted { .. } => "revisions_exhausted",
+            Error::TooLarge { .. } => "too_large",
+            Error::TooManyTopics { .. } => "too_many_topics",
+            Error::Damaged { .. } => "damaged",
             Error::Closed => "closed",
         }
     }

@@ -19,6 +19,7 @@ use crate::topic::{HubTopic, JsonSnapshot, RawTopic, TopicCore, TopicValue};
 pub(crate) struct Options {
     pub(crate) queue_capacity: usize,
     pub(crate) max_batch: usize,
+    pub(crate) max_topics: usize,
 }
 
 impl Default for Options {
@@ -26,6 +27,7 @@ impl Default for Options {
         Options {
             queue_capacity: 1024,
             max_batch: 256,
+            max_topics: 10_000,
         }
     }
 }
@@ -110,6 +112,8 @@ struct Inner {
     options: Options,
     /// Read by every get and subscribe, written when a topic is opened.
     topics: RwLock<HashMap<Topic, Slot>>,
+    /// Topics whose stored record is damaged, with why.
+    damaged: RwLock<HashMap<Topic, String>>,
     closed: Arc<AtomicBool>,
 }
 
@@ -141,6 +145,14 @@ impl HubBuilder {
         self
     }
 
+    /// How many topics the hub may hold (default: 10 000); opening one more
+    /// is [`Error::TooManyTopics`]. Each open topic costs a writer task and
+    /// its current value.
+    pub fn max_topics(mut self, max: usize) -> Self {
+        self.options.max_topics = max;
+        self
+    }
+
     /// Builds the hub. Topics are loaded when first opened.
     pub fn build(self) -> Hub {
         Hub {
@@ -148,6 +160,7 @@ impl HubBuilder {
                 storage: self.storage,
                 options: self.options,
                 topics: RwLock::new(HashMap::new()),
+                damaged: RwLock::new(HashMap::new()),
                 closed: Arc::new(AtomicBool::new(false)),
             }),
         }
@@ -186,20 +199,31 @@ impl Hub {
     /// Opens topic `name` with values of type `T`: its stored state if any,
     /// else `default()`. Opening an open topic returns a handle on it.
     ///
+    /// # Damaged records
+    ///
+    /// When the newest stored copy is damaged, it is quarantined and the
+    /// topic opens from the last good copy, re-stored at a revision above
+    /// every revision that may have been issued (logged as an error: the
+    /// last writes are lost). With no good copy, or stored bytes that are
+    /// not JSON, the topic is [`Error::Damaged`]: listed by
+    /// [`damaged_topics`](Self::damaged_topics), refusing every access,
+    /// while the other topics serve.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidTopic`]; [`Error::TypeMismatch`] when the topic is
     /// open with another type; [`Error::InvalidData`] when the stored record
     /// does not decode as `T` (it is left untouched, never replaced by the
-    /// default); [`Error::Storage`] when loading fails.
+    /// default); [`Error::Damaged`]; [`Error::TooManyTopics`];
+    /// [`Error::Storage`] when loading fails.
     pub async fn topic<T: TopicValue>(
         &self,
         name: impl AsRef<str>,
         default: impl FnOnce() -> T,
     ) -> Result<HubTopic<T>> {
         let topic = Topic::new(name)?;
-        let slot = self.slot(&topic);
-        let raw = slot
+        let slot = self.slot(&topic)?;
+        let opened = slot
             .get_or_try_init(|| async {
                 let core = TopicCore::open(
                     topic.clone(),
@@ -211,7 +235,22 @@ impl Hub {
                 .await?;
                 Ok::<Arc<dyn RawTopic>, Error>(core)
             })
-            .await?;
+            .await;
+        let raw = match opened {
+            Ok(raw) => {
+                write_lock(&self.inner.damaged).remove(&topic);
+                raw
+            }
+            Err(e) => {
+                // A topic that failed to open takes no room.
+                self.forget_slot(&topic, &slot);
+                if let Error::Damaged { reason, .. } = &e {
+                    tracing::error!(%topic, %reason, "topic damaged and quarantined; the others keep serving");
+                    write_lock(&self.inner.damaged).insert(topic.clone(), reason.clone());
+                }
+                return Err(e);
+            }
+        };
         let opened_as = raw.type_name();
         raw.clone()
             .as_any()
@@ -235,13 +274,15 @@ impl Hub {
     }
 
     /// Opens every topic found in storage as raw JSON (topics already open
-    /// keep their type). Returns their names.
+    /// keep their type). Returns the names of the topics now open; damaged
+    /// ones are skipped, logged and listed by
+    /// [`damaged_topics`](Self::damaged_topics).
     ///
     /// # Errors
     ///
-    /// As for [`topic`](Self::topic).
+    /// As for [`topic`](Self::topic), except [`Error::Damaged`].
     pub async fn open_stored_topics(&self) -> Result<Vec<Topic>> {
-        let topics = self
+        let stored = self
             .inner
             .storage
             .topics()
@@ -250,12 +291,32 @@ impl Hub {
                 topic: None,
                 source: Arc::new(e),
             })?;
-        for topic in &topics {
-            if !self.is_open(topic) {
-                self.json_topic(topic.as_str()).await?;
+        let mut opened = Vec::with_capacity(stored.len());
+        for topic in stored {
+            if !self.is_open(&topic) {
+                match self.json_topic(topic.as_str()).await {
+                    Ok(_) => {}
+                    Err(Error::Damaged { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
             }
+            opened.push(topic);
         }
-        Ok(topics)
+        Ok(opened)
+    }
+
+    /// The topics whose stored record is damaged, with what is wrong.
+    /// They stay quarantined until an operator restores or removes their
+    /// files (see [`FileStorage`](state_sync_storage::FileStorage)).
+    #[must_use]
+    pub fn damaged_topics(&self) -> Vec<(Topic, String)> {
+        let damaged = read_lock(&self.inner.damaged);
+        let mut list: Vec<_> = damaged
+            .iter()
+            .map(|(t, r)| (t.clone(), r.clone()))
+            .collect();
+        list.sort();
+        list
     }
 
     /// Whether `topic` is open.
@@ -300,8 +361,27 @@ impl Hub {
         expected: Option<Revision>,
         source_id: Option<String>,
     ) -> Result<Revision> {
+        self.set_json_limited(topic, data, expected, source_id, usize::MAX)
+            .await
+    }
+
+    /// [`set_json`](Self::set_json), refusing a value whose JSON encoding —
+    /// what is stored and served, which can be larger than `data` — is
+    /// over `max_bytes`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`]; otherwise as for [`set_json`](Self::set_json).
+    pub async fn set_json_limited(
+        &self,
+        topic: &Topic,
+        data: &[u8],
+        expected: Option<Revision>,
+        source_id: Option<String>,
+        max_bytes: usize,
+    ) -> Result<Revision> {
         let raw = self.raw(topic)?;
-        raw.set_json(data, expected, source_id).await
+        raw.set_json(data, expected, source_id, max_bytes).await
     }
 
     /// Stops taking writes and waits until every write queued before is
@@ -319,8 +399,17 @@ impl Hub {
     }
 
     fn raw(&self, topic: &Topic) -> Result<Arc<dyn RawTopic>> {
-        self.open_topic(topic).ok_or_else(|| Error::UnknownTopic {
-            topic: topic.clone(),
+        if let Some(raw) = self.open_topic(topic) {
+            return Ok(raw);
+        }
+        Err(match read_lock(&self.inner.damaged).get(topic) {
+            Some(reason) => Error::Damaged {
+                topic: topic.clone(),
+                reason: reason.clone(),
+            },
+            None => Error::UnknownTopic {
+                topic: topic.clone(),
+            },
         })
     }
 
@@ -328,25 +417,46 @@ impl Hub {
         self.topics_lock().get(topic)?.get().cloned()
     }
 
-    fn slot(&self, topic: &Topic) -> Slot {
+    fn slot(&self, topic: &Topic) -> Result<Slot> {
         if let Some(slot) = self.topics_lock().get(topic) {
-            return slot.clone();
+            return Ok(slot.clone());
         }
-        self.inner
-            .topics
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(topic.clone())
-            .or_default()
-            .clone()
+        let mut topics = write_lock(&self.inner.topics);
+        if let Some(slot) = topics.get(topic) {
+            return Ok(slot.clone());
+        }
+        let limit = self.inner.options.max_topics;
+        if topics.len() >= limit {
+            return Err(Error::TooManyTopics {
+                topic: topic.clone(),
+                limit,
+            });
+        }
+        Ok(topics.entry(topic.clone()).or_default().clone())
+    }
+
+    /// Removes `slot` if it is still `topic`'s and was never filled.
+    fn forget_slot(&self, topic: &Topic, slot: &Slot) {
+        let mut topics = write_lock(&self.inner.topics);
+        if topics
+            .get(topic)
+            .is_some_and(|s| Arc::ptr_eq(s, slot) && !s.initialized())
+        {
+            topics.remove(topic);
+        }
     }
 
     fn topics_lock(&self) -> RwLockReadGuard<'_, HashMap<Topic, Slot>> {
-        self.inner
-            .topics
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        read_lock(&self.inner.topics)
     }
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Subscribes to any open topic; an unknown topic is an error.

@@ -112,6 +112,8 @@ enum Op<T> {
     Write {
         change: Change<T>,
         source_id: Option<String>,
+        /// The largest JSON encoding the new value may have.
+        max_bytes: usize,
         reply: oneshot::Sender<Result<Revision>>,
     },
     /// Answered once every write queued before it is committed or failed.
@@ -136,11 +138,7 @@ impl<T: TopicValue> TopicCore<T> {
         default: impl FnOnce() -> T,
         closed: Arc<AtomicBool>,
     ) -> Result<Arc<Self>> {
-        let storage_error = |e| Error::Storage {
-            topic: Some(topic.clone()),
-            source: Arc::new(e),
-        };
-        let (revision, shared) = match storage.load(&topic).await.map_err(storage_error)? {
+        let (revision, shared) = match load(&topic, &storage).await? {
             Some(record) => {
                 let value = serde_json::from_slice(&record.data)
                     .map_err(|e| Error::invalid_data(&topic, e))?;
@@ -177,7 +175,12 @@ impl<T: TopicValue> TopicCore<T> {
         }
     }
 
-    async fn write(&self, change: Change<T>, source_id: Option<String>) -> Result<Revision> {
+    async fn write(
+        &self,
+        change: Change<T>,
+        source_id: Option<String>,
+        max_bytes: usize,
+    ) -> Result<Revision> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -185,11 +188,67 @@ impl<T: TopicValue> TopicCore<T> {
         let op = Op::Write {
             change,
             source_id,
+            max_bytes,
             reply,
         };
         self.writes.send(op).await.map_err(|_| Error::Closed)?;
         answer.await.unwrap_or(Err(Error::Closed))
     }
+}
+
+/// Loads `topic`'s record. A damaged newest copy falls back to the last good
+/// one, re-stored at a revision above every revision that may have been
+/// issued, so no revision is ever issued twice for different data. No good
+/// copy, or bytes that are not JSON at all: [`Error::Damaged`].
+async fn load(topic: &Topic, storage: &AnyStorage) -> Result<Option<Record>> {
+    use state_sync_storage::Error as StorageError;
+    let storage_error = |e| Error::Storage {
+        topic: Some(topic.clone()),
+        source: Arc::new(e),
+    };
+    let damaged = |reason: String| Error::Damaged {
+        topic: topic.clone(),
+        reason,
+    };
+    let record = match storage.load(topic).await {
+        Ok(record) => record,
+        Err(StorageError::Corrupt {
+            backup: Some(_),
+            claimed_revision,
+            reason,
+            ..
+        }) => {
+            // The damaged copy is quarantined; `load` now finds the backup.
+            let Some(good) = storage.load(topic).await.map_err(storage_error)? else {
+                return Err(damaged(format!("{reason}; the last good copy is gone")));
+            };
+            let lost_above = claimed_revision.unwrap_or(good.revision).max(good.revision);
+            let revision = lost_above.next().max(crate::hub::revision_floor());
+            tracing::error!(
+                %topic,
+                %reason,
+                served = %good.revision,
+                continuing_at = %revision,
+                "the newest stored record is damaged and quarantined: serving the last good copy; the last acknowledged write(s) of this topic are LOST"
+            );
+            let record = Record::new(revision, good.data);
+            storage
+                .store(topic, &record)
+                .await
+                .map_err(storage_error)?;
+            Some(record)
+        }
+        Err(StorageError::Corrupt { reason, .. }) => {
+            return Err(damaged(format!("{reason}; no good copy left")));
+        }
+        Err(e) => return Err(storage_error(e)),
+    };
+    if let Some(record) = &record
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&record.data)
+    {
+        return Err(damaged(format!("the stored data is not JSON: {e}")));
+    }
+    Ok(record)
 }
 
 fn encode<T: Serialize>(topic: &Topic, value: T) -> Result<Shared<T>> {
@@ -233,19 +292,30 @@ async fn commit_batch<T: TopicValue>(
     let mut barriers = Vec::new();
     let mut commits = Vec::new();
     for op in batch.drain(..) {
-        let (change, source_id, reply) = match op {
+        let (change, source_id, max_bytes, reply) = match op {
             Op::Write {
                 change,
                 source_id,
+                max_bytes,
                 reply,
-            } => (change, source_id, reply),
+            } => (change, source_id, max_bytes, reply),
             Op::Barrier(done) => {
                 barriers.push(done);
                 continue;
             }
         };
+        // The limit applies to what is stored and served: the encoding,
+        // which can be larger than the JSON the writer sent (`1e5`).
         let next = apply_change(&topic, revision, &*state.value, change)
-            .and_then(|value| encode(&topic, value));
+            .and_then(|value| encode(&topic, value))
+            .and_then(|next| match next.json.len() {
+                bytes if bytes > max_bytes => Err(Error::TooLarge {
+                    topic: topic.clone(),
+                    bytes,
+                    limit: max_bytes,
+                }),
+                _ => Ok(next),
+            });
         let answer = match next {
             Ok(_) if revision == Revision::MAX => Err(Error::RevisionsExhausted {
                 topic: topic.clone(),
@@ -334,6 +404,7 @@ pub(crate) trait RawTopic: Send + Sync + 'static {
         data: &'a [u8],
         expected: Option<Revision>,
         source_id: Option<String>,
+        max_bytes: usize,
     ) -> BoxFuture<'a, Result<Revision>>;
     fn subscribe(&self, sink: InvalidationSink) -> BoxFuture<'_, Result<Subscription, BoxError>>;
     fn barrier(&self) -> BoxFuture<'_, ()>;
@@ -355,6 +426,7 @@ impl<T: TopicValue> RawTopic for TopicCore<T> {
         data: &'a [u8],
         expected: Option<Revision>,
         source_id: Option<String>,
+        max_bytes: usize,
     ) -> BoxFuture<'a, Result<Revision>> {
         Box::pin(async move {
             let value: T = serde_json::from_slice(data)
@@ -363,7 +435,7 @@ impl<T: TopicValue> RawTopic for TopicCore<T> {
                 Some(expected) => Change::CompareAndSet { expected, value },
                 None => Change::Replace(value),
             };
-            self.write(change, source_id).await
+            self.write(change, source_id, max_bytes).await
         })
     }
 
@@ -516,7 +588,9 @@ impl<T: TopicValue> HubTopic<T> {
     }
 
     async fn write(&self, change: Change<T>) -> Result<Revision> {
-        self.core.write(change, self.source_id.clone()).await
+        self.core
+            .write(change, self.source_id.clone(), usize::MAX)
+            .await
     }
 }
 

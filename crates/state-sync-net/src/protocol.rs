@@ -197,10 +197,21 @@ struct SetFields {
     id: u64,
     topic: String,
     data: Box<RawValue>,
-    #[serde(default)]
-    expected_revision: Option<String>,
+    /// `Some(None)` for an explicit `null`, which is refused: a client that
+    /// meant a compare-and-set must not get an unconditional write.
+    #[serde(default, deserialize_with = "present")]
+    expected_revision: Option<Option<String>>,
     #[serde(default)]
     source_id: Option<String>,
+}
+
+/// Deserializes a field that is present, `null` included, as `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -241,47 +252,62 @@ fn is_kind(frame: &[u8], kind: &str) -> Result<bool, serde_json::Error> {
 /// enum), else returns `None`.
 fn decode_raw<M, F>(frame: &[u8], kind: &str) -> Option<Result<M, serde_json::Error>>
 where
-    M: From<F>,
+    M: TryFrom<F, Error = serde_json::Error>,
     F: serde::de::DeserializeOwned,
 {
     match is_kind(frame, kind) {
-        Ok(true) => Some(serde_json::from_slice::<F>(frame).map(M::from)),
+        Ok(true) => Some(serde_json::from_slice::<F>(frame).and_then(M::try_from)),
         Ok(false) => None,
         Err(e) => Some(Err(e)),
     }
 }
 
-impl From<SetFields> for ClientMessage {
-    fn from(f: SetFields) -> Self {
-        ClientMessage::Set {
+impl TryFrom<SetFields> for ClientMessage {
+    type Error = serde_json::Error;
+
+    fn try_from(f: SetFields) -> Result<Self, Self::Error> {
+        let expected_revision = match f.expected_revision {
+            Some(None) => {
+                return Err(serde::de::Error::custom(
+                    "expectedRevision is null: leave it out for an unconditional write",
+                ));
+            }
+            Some(Some(revision)) => Some(revision),
+            None => None,
+        };
+        Ok(ClientMessage::Set {
             id: f.id,
             topic: f.topic,
             data: f.data,
-            expected_revision: f.expected_revision,
+            expected_revision,
             source_id: f.source_id,
-        }
+        })
     }
 }
 
-impl From<InvalidationFields> for ServerMessage {
-    fn from(f: InvalidationFields) -> Self {
-        ServerMessage::Invalidation {
+impl TryFrom<InvalidationFields> for ServerMessage {
+    type Error = serde_json::Error;
+
+    fn try_from(f: InvalidationFields) -> Result<Self, serde_json::Error> {
+        Ok(ServerMessage::Invalidation {
             topic: f.topic,
             revision: f.revision,
             source_id: f.source_id,
             snapshot: f.snapshot,
-        }
+        })
     }
 }
 
-impl From<SnapshotFields> for ServerMessage {
-    fn from(f: SnapshotFields) -> Self {
-        ServerMessage::Snapshot {
+impl TryFrom<SnapshotFields> for ServerMessage {
+    type Error = serde_json::Error;
+
+    fn try_from(f: SnapshotFields) -> Result<Self, serde_json::Error> {
+        Ok(ServerMessage::Snapshot {
             id: f.id,
             topic: f.topic,
             revision: f.revision,
             data: f.data,
-        }
+        })
     }
 }
 
@@ -343,6 +369,13 @@ pub enum ErrorCode {
     ShuttingDown,
     /// No message for longer than the idle timeout.
     IdleTimeout,
+    /// The server has as many topics as it may; `set` cannot create one.
+    TooManyTopics,
+    /// The server has as many connections as it may.
+    TooManyConnections,
+    /// The topic's stored record is damaged; it is quarantined until an
+    /// operator restores it. Other topics keep serving.
+    Damaged,
     /// Anything else; see the message.
     Internal,
 }
@@ -366,6 +399,9 @@ impl ErrorCode {
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::TooManyTopics => "too_many_topics",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Damaged => "damaged",
             ErrorCode::Internal => "internal",
         }
     }
@@ -381,6 +417,9 @@ impl ErrorCode {
                 ErrorCode::InvalidData
             }
             E::Storage { .. } => ErrorCode::Storage,
+            E::TooLarge { .. } => ErrorCode::TooLarge,
+            E::TooManyTopics { .. } => ErrorCode::TooManyTopics,
+            E::Damaged { .. } => ErrorCode::Damaged,
             E::Closed => ErrorCode::ShuttingDown,
             _ => ErrorCode::Internal,
         }
@@ -462,12 +501,20 @@ pub(crate) fn encode_invalidation(
     out.freeze()
 }
 
+/// The longest error message sent: an error never echoes a large input.
+pub(crate) const MAX_ERROR_MESSAGE: usize = 512;
+
 pub(crate) fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Bytes {
-    encode(&ServerMessage::Error {
-        id,
-        code,
-        message: message.into(),
-    })
+    let mut message = message.into();
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut end = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    encode(&ServerMessage::Error { id, code, message })
 }
 
 #[cfg(test)]

@@ -34,8 +34,12 @@ pub enum Error {
         quarantined: PathBuf,
         /// What is wrong with it.
         reason: String,
-        /// The last good copy, if one exists.
+        /// The last good copy, if one exists: the next `load` returns it.
         backup: Option<PathBuf>,
+        /// The revision the damaged record's header names, when it can
+        /// still be read: a revision that may have been issued, which a
+        /// fallback to an older copy must stay above.
+        claimed_revision: Option<state_sync::Revision>,
     },
     /// A background task running blocking file work failed.
     #[error("storage task failed")]

@@ -217,7 +217,14 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
-fn quarantine(path: &Path, reason: String) -> Error {
+/// The revision a damaged record's header names, if it can be read.
+fn claimed_revision(bytes: &[u8]) -> Option<Revision> {
+    let end = bytes.iter().take(64).position(|b| *b == b'\n')?;
+    let header = std::str::from_utf8(&bytes[..end]).ok()?;
+    header.split(' ').nth(2)?.parse().ok()
+}
+
+fn quarantine(path: &Path, reason: String, claimed_revision: Option<Revision>) -> Error {
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -233,17 +240,53 @@ fn quarantine(path: &Path, reason: String) -> Error {
         quarantined,
         reason,
         backup,
+        claimed_revision,
     }
+}
+
+/// Whether a quarantined copy of `path` (or of its backup) exists.
+fn has_quarantined_copy(path: &Path) -> Result<Option<PathBuf>> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Ok(None);
+    };
+    let prefix = format!("{name}.");
+    for entry in fs::read_dir(dir).map_err(io_error(dir))? {
+        let entry = entry.map_err(io_error(dir))?;
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        if let Some(rest) = file.strip_prefix(&prefix)
+            && (rest.starts_with("corrupt-") || rest.starts_with("bak.corrupt-"))
+        {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+fn decode_or_quarantine(path: &Path, bytes: &[u8]) -> Result<Record> {
+    decode(bytes).map_err(|reason| quarantine(path, reason, claimed_revision(bytes)))
 }
 
 fn load_file(path: &Path) -> Result<Option<Record>> {
     if let Some(bytes) = read_optional(path)? {
-        return decode(&bytes).map(Some).map_err(|r| quarantine(path, r));
+        return decode_or_quarantine(path, &bytes).map(Some);
     }
-    // A crash between the two renames of a store leaves only the backup.
+    // A crash between the two renames of a store, or a quarantined newest
+    // copy, leaves only the backup.
     let backup = with_suffix(path, ".bak");
-    match read_optional(&backup)? {
-        Some(bytes) => decode(&bytes).map(Some).map_err(|r| quarantine(&backup, r)),
+    if let Some(bytes) = read_optional(&backup)? {
+        return decode_or_quarantine(&backup, &bytes).map(Some);
+    }
+    // Nothing left but quarantined copies: still damaged, never silently
+    // a new topic, until an operator restores or removes them.
+    match has_quarantined_copy(path)? {
+        Some(quarantined) => Err(Error::Corrupt {
+            path: path.to_owned(),
+            quarantined,
+            reason: "only quarantined copies remain".into(),
+            backup: None,
+            claimed_revision: None,
+        }),
         None => Ok(None),
     }
 }
@@ -313,8 +356,14 @@ fn remove_file(dir: &Path, path: &Path, durability: Durability) -> Result<()> {
     Ok(())
 }
 
+/// The topic a file of the store belongs to: its current copy, backup, or
+/// a quarantined copy of either.
 fn decode_topic(name: &str) -> Option<Topic> {
-    let hex = name.strip_prefix("t-")?.strip_suffix(".ssr")?;
+    let name = match name.find(".ssr") {
+        Some(end) => &name[..end],
+        None => return None,
+    };
+    let hex = name.strip_prefix("t-")?;
     if hex.len() % 2 != 0 {
         return None;
     }
@@ -346,12 +395,12 @@ impl Storage for FileStorage {
 
     async fn topics(&self) -> Result<Vec<Topic>> {
         self.blocking(|dir, _| {
-            // A backup alone counts: a crash mid-store can leave only it.
+            // A backup alone counts (a crash mid-store can leave only it),
+            // and so does a quarantined copy (the topic is damaged, not gone).
             let mut topics = std::collections::BTreeSet::new();
             for entry in fs::read_dir(dir).map_err(io_error(dir))? {
                 let name = entry.map_err(io_error(dir))?.file_name();
-                let name = name.to_str().unwrap_or_default();
-                if let Some(topic) = decode_topic(name.strip_suffix(".bak").unwrap_or(name)) {
+                if let Some(topic) = name.to_str().and_then(decode_topic) {
                     topics.insert(topic);
                 }
             }

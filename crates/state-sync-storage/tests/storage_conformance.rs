@@ -63,11 +63,18 @@ async fn damaged_files_are_quarantined_with_a_clear_error_and_nothing_is_overwri
         let Error::Corrupt {
             quarantined,
             backup,
+            claimed_revision,
             ..
         } = &err
         else {
             panic!("{what}: expected Corrupt, got {err:?}");
         };
+        if what == "bit flip" {
+            assert_eq!(*claimed_revision, Some(Revision::new(2)), "header still readable");
+        }
+        if what == "garbage" || what == "empty" {
+            assert_eq!(*claimed_revision, None);
+        }
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("corrupt"), "{what}: {err}");
         assert!(!path.exists(), "{what}: moved aside");
@@ -83,6 +90,37 @@ async fn damaged_files_are_quarantined_with_a_clear_error_and_nothing_is_overwri
             "{what}: last good copy kept"
         );
     }
+}
+
+#[tokio::test]
+async fn after_a_quarantine_load_returns_the_backup_and_with_no_good_copy_the_topic_stays_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (storage, topic, path) = stored(dir.path()).await;
+    std::fs::write(&path, b"SSR1 00000000 2 3\nbad").unwrap();
+    assert!(matches!(
+        storage.load(&topic).await,
+        Err(Error::Corrupt { backup: Some(_), .. })
+    ));
+    let fallback = storage.load(&topic).await.unwrap().unwrap();
+    assert_eq!(fallback.revision, Revision::new(1), "the last good copy");
+
+    // Damage the backup too: no good copy is left.
+    let mut backup = path.clone().into_os_string();
+    backup.push(".bak");
+    std::fs::write(&backup, b"garbage").unwrap();
+    assert!(matches!(
+        storage.load(&topic).await,
+        Err(Error::Corrupt { backup: None, .. })
+    ));
+    // Still damaged on every later load (and across restarts), never
+    // silently an empty topic; still listed.
+    for _ in 0..2 {
+        let err = storage.load(&topic).await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt { backup: None, .. }), "{err:?}");
+    }
+    let reopened = FileStorage::open(dir.path()).unwrap();
+    assert!(reopened.load(&topic).await.is_err());
+    assert_eq!(reopened.topics().await.unwrap(), [topic]);
 }
 
 #[tokio::test]

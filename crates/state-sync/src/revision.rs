@@ -87,7 +87,8 @@ impl fmt::Debug for Revision {
     }
 }
 
-/// Why a string is not a canonical revision.
+/// Why a string is not a canonical revision. Keeps at most the first 32
+/// bytes of the input, so an error never echoes a huge one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseRevisionError {
@@ -109,6 +110,16 @@ pub enum ParseRevisionError {
     NotAString(&'static str),
 }
 
+/// The input as an error shows it: at most 32 bytes, `…` when cut.
+fn shown(s: &str) -> String {
+    let start = crate::topic::prefix(s, 32);
+    if start.len() == s.len() {
+        s.to_owned()
+    } else {
+        format!("{start}…")
+    }
+}
+
 impl FromStr for Revision {
     type Err = ParseRevisionError;
 
@@ -118,15 +129,15 @@ impl FromStr for Revision {
             return Err(ParseRevisionError::Empty);
         }
         if !bytes.iter().all(u8::is_ascii_digit) {
-            return Err(ParseRevisionError::InvalidDigit(s.to_owned()));
+            return Err(ParseRevisionError::InvalidDigit(shown(s)));
         }
         if bytes.len() > 1 && bytes[0] == b'0' {
-            return Err(ParseRevisionError::LeadingZero(s.to_owned()));
+            return Err(ParseRevisionError::LeadingZero(shown(s)));
         }
         // Only digits remain, so the one possible failure is overflow.
         s.parse::<u64>()
             .map(Revision)
-            .map_err(|_| ParseRevisionError::Overflow(s.to_owned()))
+            .map_err(|_| ParseRevisionError::Overflow(shown(s)))
     }
 }
 
@@ -233,6 +244,14 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(input.parse::<Revision>(), Err(expected), "{input:?}");
         }
+    }
+
+    #[test]
+    fn errors_do_not_echo_a_huge_input() {
+        let huge = "1".repeat(600_000);
+        let err = huge.parse::<Revision>().unwrap_err();
+        assert!(matches!(&err, ParseRevisionError::Overflow(shown) if shown.len() < 40));
+        assert!(err.to_string().len() < 100, "{err}");
     }
 
     #[test]

@@ -10,9 +10,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The name of one logical piece of state (`"settings"`, `"cart:user:42"`).
 ///
-/// A topic is any string that is non-empty after trimming. It is matched
-/// exactly: `" settings"` and `"settings"` are different topics. Cloning is
-/// cheap (a reference count), so events and handles share one allocation.
+/// A topic is any string that is non-empty after trimming and at most
+/// [`Topic::MAX_LEN`] bytes long. It is matched exactly: `" settings"` and
+/// `"settings"` are different topics. Cloning is cheap (a reference count),
+/// so events and handles share one allocation.
+///
+/// The length limit holds on every transport, and it is what lets every
+/// topic name a file of the file store (file names have at most 255
+/// bytes, and the store spells names in hex).
 ///
 /// # Examples
 ///
@@ -27,23 +32,61 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Topic(Arc<str>);
 
-/// The string is not a valid topic: it is empty or only whitespace.
+/// The string is not a valid topic. Keeps at most the first 64 bytes of
+/// it, so an error never echoes a huge input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("topic must be non-empty after trimming, got {0:?}")]
-pub struct InvalidTopic(pub String);
+#[non_exhaustive]
+pub enum InvalidTopic {
+    /// Empty, or only whitespace.
+    #[error("topic must be non-empty after trimming, got {0:?}")]
+    Blank(String),
+    /// Longer than [`Topic::MAX_LEN`] bytes.
+    #[error("topic is {len} bytes long, over the limit of {max} (it starts {start:?})")]
+    TooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// [`Topic::MAX_LEN`].
+        max: usize,
+        /// The name's first 64 bytes (at most).
+        start: String,
+    },
+}
+
+/// The first `max` bytes of `text` (at most), cut on a char boundary.
+pub(crate) fn prefix(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 impl Topic {
+    /// The longest topic, in bytes of UTF-8.
+    pub const MAX_LEN: usize = 100;
+
     /// Validates and wraps a topic name.
     ///
     /// # Errors
     ///
-    /// [`InvalidTopic`] when the name is empty after trimming.
+    /// [`InvalidTopic`] when the name is empty after trimming or longer
+    /// than [`MAX_LEN`](Self::MAX_LEN) bytes.
     pub fn new(name: impl AsRef<str>) -> Result<Self, InvalidTopic> {
         let name = name.as_ref();
+        if name.len() > Self::MAX_LEN {
+            return Err(InvalidTopic::TooLong {
+                len: name.len(),
+                max: Self::MAX_LEN,
+                start: prefix(name, 64).to_owned(),
+            });
+        }
         if is_valid_topic(name) {
             Ok(Topic(Arc::from(name)))
         } else {
-            Err(InvalidTopic(name.to_owned()))
+            Err(InvalidTopic::Blank(name.to_owned()))
         }
     }
 
@@ -61,10 +104,11 @@ impl Topic {
     }
 }
 
-/// Whether `name` is a valid topic: non-empty after trimming.
+/// Whether `name` is a valid topic: non-empty after trimming, at most
+/// [`Topic::MAX_LEN`] bytes.
 #[must_use]
 pub fn is_valid_topic(name: &str) -> bool {
-    !name.trim().is_empty()
+    name.len() <= Topic::MAX_LEN && !name.trim().is_empty()
 }
 
 impl Deref for Topic {
@@ -155,9 +199,21 @@ mod tests {
     #[test]
     fn blank_topics_are_rejected() {
         for bad in ["", " ", "\t\n"] {
-            assert_eq!(Topic::new(bad), Err(InvalidTopic(bad.to_owned())));
+            assert_eq!(Topic::new(bad), Err(InvalidTopic::Blank(bad.to_owned())));
             assert!(serde_json::from_str::<Topic>(&format!("{bad:?}")).is_err());
         }
+    }
+
+    #[test]
+    fn topics_are_limited_in_length_and_the_error_does_not_echo_them() {
+        let longest = "é".repeat(Topic::MAX_LEN / 2);
+        assert!(Topic::new(&longest).is_ok());
+        let huge = format!("{longest}x{}", "y".repeat(300_000));
+        let err = Topic::new(&huge).unwrap_err();
+        assert!(matches!(err, InvalidTopic::TooLong { len, .. } if len == huge.len()));
+        assert!(err.to_string().len() < 200, "{err}");
+        assert!(!is_valid_topic(&huge));
+        assert!(serde_json::from_str::<Topic>(&format!("{huge:?}")).is_err());
     }
 
     #[test]
