@@ -232,10 +232,7 @@ async fn load(topic: &Topic, storage: &AnyStorage) -> Result<Option<Record>> {
                 "the newest stored record is damaged and quarantined: serving the last good copy; the last acknowledged write(s) of this topic are LOST"
             );
             let record = Record::new(revision, good.data);
-            storage
-                .store(topic, &record)
-                .await
-                .map_err(storage_error)?;
+            storage.store(topic, &record).await.map_err(storage_error)?;
             Some(record)
         }
         Err(StorageError::Corrupt { reason, .. }) => {

@@ -53,10 +53,7 @@ async fn a_damaged_newest_record_falls_back_without_ever_reusing_a_revision() {
         served.revision
     );
     // A write now gets a revision no replica has seen for other data.
-    let next = hub
-        .set_json(&topic("doc"), b"3", None, None)
-        .await
-        .unwrap();
+    let next = hub.set_json(&topic("doc"), b"3", None, None).await.unwrap();
     assert!(next > acknowledged);
     hub.close().await;
 
@@ -78,7 +75,10 @@ async fn one_damaged_topic_is_quarantined_and_reported_while_the_others_serve() 
     // A record whose checksum is right but whose bytes are not JSON.
     let storage = FileStorage::open(dir.path()).unwrap();
     storage
-        .store(&topic("garbled"), &Record::new(Revision::new(7), &b"{not json"[..]))
+        .store(
+            &topic("garbled"),
+            &Record::new(Revision::new(7), &b"{not json"[..]),
+        )
         .await
         .unwrap();
 
@@ -142,7 +142,10 @@ async fn a_topic_that_fails_to_open_is_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let storage = FileStorage::open(dir.path()).unwrap();
     storage
-        .store(&topic("n"), &Record::new(Revision::new(3), &br#""text""#[..]))
+        .store(
+            &topic("n"),
+            &Record::new(Revision::new(3), &br#""text""#[..]),
+        )
         .await
         .unwrap();
     let hub = Hub::builder().storage(storage).max_topics(1).build();

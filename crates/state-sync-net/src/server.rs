@@ -5,16 +5,21 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+
+use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
 use state_sync::{InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_hub::{Error as HubError, Hub};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +55,29 @@ pub struct ServerConfig {
     pub inline_snapshot_max_bytes: usize,
     /// Sent in `welcome`.
     pub server_id: String,
+    /// Longest `clientId`, `sourceId` and `token` accepted, in bytes
+    /// (default 1 KiB). Longer ones are refused with `too_large`.
+    pub max_field_bytes: usize,
+    /// A write to a connection that makes no progress for this long closes
+    /// it (default 10 s): a peer that stops reading costs bounded time.
+    pub write_timeout: Duration,
+    /// Bytes of answers queued for one connection, waiting to be written
+    /// (default 4 MiB; at least one frame always fits). A client that
+    /// pipelines requests without reading waits for room, then is closed by
+    /// the write timeout.
+    pub max_queued_bytes_per_connection: usize,
+    /// Bytes of answers queued over all connections (default 64 MiB).
+    pub max_queued_bytes: usize,
+    /// Open connections at most (default 4 096); one more is answered
+    /// `too_many_connections` and closed.
+    pub max_connections: usize,
+    /// Requests of one connection handled at once (default 64): `set`s of
+    /// different topics proceed together while their answers keep the
+    /// request order.
+    pub max_requests_in_flight: usize,
+    /// How long [`Server::shutdown`] waits for connections to finish after
+    /// answering the writes in flight (default 5 s).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +90,13 @@ impl Default for ServerConfig {
             create_topics: true,
             inline_snapshot_max_bytes: 16 * 1024,
             server_id: "state-sync".into(),
+            max_field_bytes: 1024,
+            write_timeout: Duration::from_secs(10),
+            max_queued_bytes_per_connection: 4 << 20,
+            max_queued_bytes: 64 << 20,
+            max_connections: 4096,
+            max_requests_in_flight: 64,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -96,6 +131,12 @@ pub struct ServerStats {
     pub snapshot_bytes_inlined: u64,
     /// Writes committed.
     pub writes: u64,
+    /// Bytes of answers queued, over all connections.
+    pub queued_bytes: usize,
+    /// Connections refused because the server was full.
+    pub connections_refused: u64,
+    /// Connections closed because writing to them failed or stalled.
+    pub connections_closed_unwritable: u64,
 }
 
 /// Serves a [`Hub`] to other processes: over a Unix socket (created
@@ -139,6 +180,10 @@ struct Shared {
     hub: Hub,
     config: ServerConfig,
     access: AccessConfig,
+    /// Room for queued answers over all connections, in bytes.
+    queue_budget: Arc<Semaphore>,
+    /// Connections open or in their handshake.
+    open_connections: AtomicUsize,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
@@ -159,6 +204,8 @@ struct Counters {
     snapshots_inlined: AtomicU64,
     snapshot_bytes_inlined: AtomicU64,
     writes: AtomicU64,
+    connections_refused: AtomicU64,
+    connections_closed_unwritable: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +228,10 @@ impl Server {
         Server {
             shared: Arc::new(Shared {
                 hub,
+                queue_budget: Arc::new(Semaphore::new(
+                    config.max_queued_bytes.min(Semaphore::MAX_PERMITS),
+                )),
+                open_connections: AtomicUsize::new(0),
                 config,
                 access,
                 shutdown: CancellationToken::new(),
@@ -277,11 +328,19 @@ impl Server {
             }
             let shared = shared.clone();
             shared.tasks.clone().spawn(async move {
-                let upgrade = tokio::time::timeout(
-                    shared.config.handshake_timeout,
-                    tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)),
-                )
+                let upgrade = tokio::time::timeout(shared.config.handshake_timeout, async {
+                    if !is_websocket_upgrade(&stream).await {
+                        refuse_plain_http(stream, shared.config.write_timeout).await;
+                        return None;
+                    }
+                    Some(tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)).await)
+                })
                 .await;
+                let upgrade = match upgrade {
+                    Ok(Some(upgrade)) => Ok(upgrade),
+                    Ok(None) => return,
+                    Err(elapsed) => Err(elapsed),
+                };
                 match upgrade {
                     Ok(Ok(socket)) => {
                         let (frames, sink) = frames::websocket(socket);
@@ -318,17 +377,45 @@ impl Server {
             snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
             snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
+            queued_bytes: self
+                .shared
+                .config
+                .max_queued_bytes
+                .min(Semaphore::MAX_PERMITS)
+                .saturating_sub(self.shared.queue_budget.available_permits()),
+            connections_refused: c.connections_refused.load(Ordering::Relaxed),
+            connections_closed_unwritable: c.connections_closed_unwritable.load(Ordering::Relaxed),
         }
     }
 
-    /// Stops accepting connections, finishes the request each connection
+    /// Stops accepting connections, finishes the requests each connection
     /// is handling (writes in flight are committed and answered), tells
     /// clients `shutting_down`, closes every connection, then closes the
     /// hub (waiting for queued writes) and removes the socket files.
+    ///
+    /// Bounded in time: every write to a connection has
+    /// [`write_timeout`](ServerConfig::write_timeout), and connections
+    /// still open after [`shutdown_grace`](ServerConfig::shutdown_grace)
+    /// are left to close on their own (logged).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling it leaves the server stopping: no new connections, and
+    /// connections wind down by themselves.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
-        self.shared.tasks.wait().await;
+        let grace = self.shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.shared.open_connections.load(Ordering::Relaxed),
+                ?grace,
+                "connections still closing after the shutdown grace period; not waiting for them"
+            );
+        }
         self.shared.hub.close().await;
         for path in lock(&self.shared.unix_paths).drain(..) {
             let _ = std::fs::remove_file(path);
@@ -344,6 +431,45 @@ impl fmt::Debug for Server {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether the request head waiting on `stream` asks for a WebSocket
+/// upgrade. Peeks, consuming nothing, until the head is complete (at most
+/// 8 KiB).
+async fn is_websocket_upgrade(stream: &tokio::net::TcpStream) -> bool {
+    let mut head = vec![0u8; 8192];
+    loop {
+        let n = match stream.peek(&mut head).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        let seen = &head[..n];
+        let complete = seen.windows(4).any(|w| w == b"\r\n\r\n");
+        if complete || n == head.len() {
+            let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
+            return text.lines().any(|line| {
+                line.strip_prefix("upgrade:")
+                    .is_some_and(|v| v.trim() == "websocket")
+            });
+        }
+        // Only part of the head has arrived; wait for more.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Answers a plain HTTP request on the WebSocket port with a 400.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream, limit: Duration) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = "this port speaks the state-sync protocol over WebSocket\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(limit, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Accepts connections until shutdown, handing each to `handle`; a failed
@@ -534,13 +660,84 @@ impl Shared {
     }
 }
 
+/// Counts a connection while it lives; refused when the server is full.
+struct ConnectionSlot<'a>(&'a Shared);
+
+impl<'a> ConnectionSlot<'a> {
+    fn take(shared: &'a Shared) -> Option<Self> {
+        let limit = shared.config.max_connections;
+        shared
+            .open_connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(shared))
+    }
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends one frame within the write timeout.
+async fn send_within(sink: &mut FrameSink, frame: Bytes, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, sink.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err(format!(
+            "no write progress for {limit:?}: the peer is not reading"
+        )),
+    }
+}
+
+/// Sends a last frame and closes, both within the write timeout.
+async fn send_and_close(sink: &mut FrameSink, frame: Bytes, limit: Duration) {
+    if send_within(sink, frame, limit).await.is_ok() {
+        let _ = tokio::time::timeout(limit, sink.close()).await;
+    }
+}
+
 /// Runs one connection: handshake, then requests until the peer leaves,
-/// goes idle, breaks framing, or the server shuts down.
+/// goes idle, breaks framing, cannot be written to, or the server shuts
+/// down.
 async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink, peer: String) {
-    let Some((client_id, grant)) = handshake(&shared, &mut frames, &mut sink, &peer).await else {
-        let _ = sink.close().await;
+    let write_timeout = shared.config.write_timeout;
+    let Some(_slot) = ConnectionSlot::take(&shared) else {
+        shared
+            .counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, limit = shared.config.max_connections, "connection refused: too many connections");
+        let busy = protocol::error(
+            None,
+            ErrorCode::TooManyConnections,
+            "the server has as many connections as it may; try again later",
+        );
+        send_and_close(&mut sink, busy, write_timeout).await;
         return;
     };
+    let (client_id, grant) = match handshake(&shared, &mut frames, &peer).await {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            if let Some(refusal) = refusal {
+                send_and_close(&mut sink, refusal, write_timeout).await;
+            }
+            return;
+        }
+    };
+    let welcome = protocol::encode(&ServerMessage::Welcome {
+        version: PROTOCOL_VERSION,
+        server_id: shared.config.server_id.clone(),
+    });
+    if send_within(&mut sink, welcome, write_timeout)
+        .await
+        .is_err()
+    {
+        return;
+    }
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let connection = Arc::new(Connection {
         pending: Mutex::new(HashMap::new()),
@@ -549,8 +746,17 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
     lock(&shared.connections).insert(id, connection.clone());
     tracing::debug!(connection = id, %peer, %client_id, "client connected");
 
-    let (responses, queue) = mpsc::channel(64);
-    let writer = tokio::spawn(write_loop(shared.clone(), connection.clone(), sink, queue));
+    // Closed by the writer when the connection cannot be written to.
+    let unwritable = CancellationToken::new();
+    let (answers, queue) = mpsc::channel(shared.config.max_requests_in_flight.max(1) * 2);
+    let writer = tokio::spawn(write_loop(
+        shared.clone(),
+        connection.clone(),
+        sink,
+        queue,
+        unwritable.clone(),
+        peer.clone(),
+    ));
     let mut session = Session {
         shared: shared.clone(),
         id,
@@ -558,146 +764,157 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
         grant,
         client_id,
         subscriptions: HashSet::new(),
+        answers,
+        budget: Arc::new(Semaphore::new(
+            shared
+                .config
+                .max_queued_bytes_per_connection
+                .clamp(1, Semaphore::MAX_PERMITS),
+        )),
+        unwritable,
     };
-    let goodbye = session.read_loop(&mut frames, &responses).await;
+    let goodbye = session.read_loop(&mut frames).await;
     for topic in &session.subscriptions {
         shared.leave(topic, id);
     }
     if let Some(goodbye) = goodbye {
-        let _ = responses.send(goodbye).await;
+        session.queue(goodbye).await;
     }
-    drop(responses);
+    drop(session);
     let _ = writer.await;
     lock(&shared.connections).remove(&id);
     tracing::debug!(connection = id, %peer, "client disconnected");
 }
 
+/// Reads `hello`. `Err(Some(frame))`: refused with that answer;
+/// `Err(None)`: the peer left or the server is stopping.
 async fn handshake(
     shared: &Shared,
     frames: &mut FrameStream,
-    sink: &mut FrameSink,
     peer: &str,
-) -> Option<(String, Grant)> {
+) -> Result<(String, Grant), Option<Bytes>> {
     let first = tokio::select! {
-        () = shared.shutdown.cancelled() => return None,
+        () = shared.shutdown.cancelled() => return Err(None),
         first = tokio::time::timeout(shared.config.handshake_timeout, frames.next()) => first,
     };
+    let refuse = |code, message: &str| Err(Some(protocol::error(None, code, message)));
     let frame = match first {
         Ok(Some(Ok(frame))) => frame,
         Ok(Some(Err(FrameError::TooLarge))) => {
-            let _ = sink
-                .send(protocol::error(
-                    None,
-                    ErrorCode::TooLarge,
-                    "frame larger than the limit",
-                ))
-                .await;
-            return None;
+            return refuse(ErrorCode::TooLarge, "frame larger than the limit");
         }
-        Ok(_) => return None,
+        Ok(Some(Err(FrameError::InvalidUtf8))) => {
+            return refuse(ErrorCode::BadRequest, "text frame is not valid UTF-8");
+        }
+        Ok(_) => return Err(None),
         Err(_) => {
-            let _ = sink
-                .send(protocol::error(
-                    None,
-                    ErrorCode::NotAuthenticated,
-                    "no hello within the handshake timeout",
-                ))
-                .await;
-            return None;
+            return refuse(
+                ErrorCode::NotAuthenticated,
+                "no hello within the handshake timeout",
+            );
         }
     };
-    let refuse = |code, message: &str| protocol::error(None, code, message);
-    let answer = match ClientMessage::decode(&frame) {
+    match ClientMessage::decode(&frame) {
         Ok(ClientMessage::Hello {
             version,
             client_id,
             token,
         }) => {
+            let max = shared.config.max_field_bytes;
             if version != PROTOCOL_VERSION {
-                Err(refuse(
+                refuse(
                     ErrorCode::UnsupportedVersion,
                     &format!(
                         "protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"
                     ),
-                ))
+                )
+            } else if let Some(what) = over_limit(
+                &[("clientId", Some(&client_id)), ("token", token.as_ref())],
+                max,
+            ) {
+                refuse(ErrorCode::TooLarge, &what)
             } else if let Some(grant) = shared.access.authenticate(token.as_deref()) {
                 Ok((client_id, grant))
             } else {
                 tracing::warn!(%peer, %client_id, "rejected: bad token");
-                Err(refuse(ErrorCode::Unauthorized, "missing or invalid token"))
+                refuse(ErrorCode::Unauthorized, "missing or invalid token")
             }
         }
-        Ok(_) => Err(refuse(
+        Ok(_) => refuse(
             ErrorCode::NotAuthenticated,
             "the first message must be hello",
-        )),
-        Err(e) => Err(refuse(
-            ErrorCode::BadRequest,
-            &format!("expected hello: {e}"),
-        )),
-    };
-    match answer {
-        Ok((client_id, grant)) => {
-            let welcome = protocol::encode(&ServerMessage::Welcome {
-                version: PROTOCOL_VERSION,
-                server_id: shared.config.server_id.clone(),
-            });
-            sink.send(welcome).await.ok()?;
-            Some((client_id, grant))
-        }
-        Err(error) => {
-            let _ = sink.send(error).await;
-            None
-        }
+        ),
+        Err(e) => refuse(ErrorCode::BadRequest, &format!("expected hello: {e}")),
     }
 }
 
-/// Writes answers and pending invalidations until the reader is done.
+/// The first of `fields` longer than `max` bytes, described.
+fn over_limit(fields: &[(&str, Option<&String>)], max: usize) -> Option<String> {
+    fields.iter().find_map(|(name, value)| {
+        let len = value.map_or(0, |v| v.len());
+        (len > max).then(|| format!("{name} is {len} bytes, over the limit of {max}"))
+    })
+}
+
+/// An answer waiting to be written, holding its room in the queue budgets.
+struct Queued {
+    frame: Bytes,
+    _room: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Writes answers and pending invalidations until the reader is done, each
+/// write within the write timeout. A connection that cannot be written to
+/// is closed, with the reason logged, never left silent.
 async fn write_loop(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     mut sink: FrameSink,
-    mut answers: mpsc::Receiver<Bytes>,
+    mut answers: mpsc::Receiver<Queued>,
+    unwritable: CancellationToken,
+    peer: String,
 ) {
     let counters = &shared.counters;
+    let limit = shared.config.write_timeout;
     let mut batch: Vec<Pending> = Vec::new();
     loop {
         let result = tokio::select! {
             biased;
             answer = answers.recv() => match answer {
-                Some(frame) => sink.send(frame).await,
+                Some(queued) => send_within(&mut sink, queued.frame, limit).await,
                 None => break,
             },
             () = connection.wake.notified() => {
                 batch.extend(lock(&connection.pending).drain().map(|(_, pending)| pending));
-                let mut result = Ok(());
-                for Pending { frame, inlined } in batch.drain(..) {
-                    counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
-                    if inlined > 0 {
-                        counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .snapshot_bytes_inlined
-                            .fetch_add(inlined as u64, Ordering::Relaxed);
+                let written = async {
+                    for Pending { frame, inlined } in batch.drain(..) {
+                        counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                        if inlined > 0 {
+                            counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
+                            counters
+                                .snapshot_bytes_inlined
+                                .fetch_add(inlined as u64, Ordering::Relaxed);
+                        }
+                        sink.feed(frame).await?;
                     }
-                    result = sink.feed(frame).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                match result {
-                    Ok(()) => sink.flush().await,
-                    Err(e) => Err(e),
+                    sink.flush().await
+                };
+                match tokio::time::timeout(limit, written).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("write failed: {e}")),
+                    Err(_) => Err(format!("no write progress for {limit:?}: the peer is not reading")),
                 }
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "write failed; closing");
-            // Keep draining answers so the reader never blocks on us.
-            while answers.recv().await.is_some() {}
+        if let Err(reason) = result {
+            counters
+                .connections_closed_unwritable
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, %reason, "closing the connection");
+            unwritable.cancel();
             return;
         }
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(limit, sink.close()).await;
 }
 
 struct Session {
@@ -707,20 +924,70 @@ struct Session {
     grant: Grant,
     client_id: String,
     subscriptions: HashSet<Topic>,
+    answers: mpsc::Sender<Queued>,
+    /// Room for this connection's queued answers, in bytes.
+    budget: Arc<Semaphore>,
+    unwritable: CancellationToken,
 }
 
 type Answer = Result<Bytes, Bytes>;
 
+/// A request being handled: the topic it concerns and its answer.
+type InFlight = Pin<Box<dyn Future<Output = (Option<Topic>, Bytes)> + Send>>;
+
 impl Session {
-    /// Handles requests in order; returns the last message to send before
-    /// closing, if any.
-    async fn read_loop(
-        &mut self,
-        frames: &mut FrameStream,
-        answers: &mpsc::Sender<Bytes>,
-    ) -> Option<Bytes> {
+    /// Queues an answer for the writer once there is room for it; `false`
+    /// when the connection is closing.
+    async fn queue(&self, frame: Bytes) -> bool {
+        let frame = if frame.len() > self.shared.config.max_frame_bytes {
+            // Never hand the codec a frame it cannot send.
+            tracing::error!(
+                len = frame.len(),
+                "an answer is larger than the frame limit; sending an error instead"
+            );
+            protocol::error(None, ErrorCode::Internal, "answer too large to send")
+        } else {
+            frame
+        };
+        let config = &self.shared.config;
+        let room = |budget: &Arc<Semaphore>, size: usize| {
+            // One answer may take the whole budget, never more: it always fits.
+            let n = frame.len().clamp(1, size.clamp(1, Semaphore::MAX_PERMITS));
+            budget
+                .clone()
+                .acquire_many_owned(u32::try_from(n).unwrap_or(u32::MAX))
+        };
+        let acquired = async {
+            let own = room(&self.budget, config.max_queued_bytes_per_connection)
+                .await
+                .ok()?;
+            let all = room(&self.shared.queue_budget, config.max_queued_bytes)
+                .await
+                .ok()?;
+            Some((own, all))
+        };
+        let room = tokio::select! {
+            room = acquired => room,
+            () = self.unwritable.cancelled() => None,
+        };
+        let Some(room) = room else { return false };
+        self.answers
+            .send(Queued { frame, _room: room })
+            .await
+            .is_ok()
+    }
+
+    /// Handles requests; `set`s run concurrently (requests on one topic in
+    /// order), answers are queued in request order. Returns the last
+    /// message to send before closing, if any.
+    async fn read_loop(&mut self, frames: &mut FrameStream) -> Option<Bytes> {
         let shared = self.shared.clone();
         let config = &shared.config;
+        let max_in_flight = config.max_requests_in_flight.max(1);
+        let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        // Requests in flight per topic, so a later one on the same topic
+        // waits for them: per topic, requests take effect in order.
+        let mut busy: HashMap<Topic, usize> = HashMap::new();
         // One timer for the connection, pushed back lazily: arming a new
         // one for every frame costs more than the frame's own work.
         let mut heard = Instant::now();
@@ -729,22 +996,37 @@ impl Session {
         tokio::pin!(idle, shutdown);
         loop {
             let next = tokio::select! {
+                biased;
+                () = self.unwritable.cancelled() => return None,
+                Some((topic, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                    release(&mut busy, topic.as_ref());
+                    if !self.queue(answer).await {
+                        return None;
+                    }
+                    continue;
+                }
                 () = &mut shutdown => {
+                    // Writes in flight are committed: answer them first.
+                    while let Some((_, answer)) = in_flight.next().await {
+                        if !self.queue(answer).await {
+                            return None;
+                        }
+                    }
                     return Some(protocol::error(None, ErrorCode::ShuttingDown, "server is shutting down"));
                 }
                 () = &mut idle => {
                     let deadline = heard + config.idle_timeout;
-                    if deadline <= Instant::now() {
+                    if deadline <= Instant::now() && in_flight.is_empty() {
                         return Some(protocol::error(
                             None,
                             ErrorCode::IdleTimeout,
                             "no message within the idle timeout",
                         ));
                     }
-                    idle.as_mut().reset(deadline);
+                    idle.as_mut().reset(deadline.max(Instant::now() + config.idle_timeout / 4));
                     continue;
                 }
-                next = frames.next() => next,
+                next = frames.next(), if in_flight.len() < max_in_flight => next,
             };
             heard = Instant::now();
             let frame = match next {
@@ -756,61 +1038,89 @@ impl Session {
                         format!("frame larger than {} bytes", config.max_frame_bytes),
                     ));
                 }
+                Some(Err(FrameError::InvalidUtf8)) => {
+                    return Some(protocol::error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "text frame is not valid UTF-8",
+                    ));
+                }
                 Some(Err(FrameError::Io(e))) => {
                     tracing::debug!(error = %e, "read failed");
                     return None;
                 }
                 Some(Ok(frame)) => frame,
             };
-            let answer = self.handle(&frame).await.unwrap_or_else(|error| error);
-            if answers.send(answer).await.is_err() {
-                return None;
+            let message = match ClientMessage::decode(&frame) {
+                Ok(message) => message,
+                Err(e) => {
+                    let answer = classify_bad_frame(&frame, &e);
+                    in_flight.push_back(Box::pin(std::future::ready((None, answer))));
+                    continue;
+                }
+            };
+            // Per topic, in order: wait for the topic's earlier requests.
+            if let Some(topic) = message_topic(&message)
+                && busy.contains_key(topic)
+            {
+                while busy.contains_key(topic) {
+                    let Some((done, answer)) = in_flight.next().await else {
+                        break;
+                    };
+                    release(&mut busy, done.as_ref());
+                    if !self.queue(answer).await {
+                        return None;
+                    }
+                }
             }
+            let handled = self.handle(message).await;
+            if let Some(topic) = &handled.topic {
+                *busy.entry(topic.clone()).or_default() += 1;
+            }
+            let topic = handled.topic;
+            let answer = handled.answer;
+            in_flight.push_back(Box::pin(async move { (topic, answer.await) }));
         }
     }
 
-    async fn handle(&mut self, frame: &[u8]) -> Answer {
-        let message = ClientMessage::decode(frame).map_err(|e| classify_bad_frame(frame, &e))?;
+    async fn handle(&mut self, message: ClientMessage) -> Handled {
+        let now = |answer: Answer| Handled::now(answer.unwrap_or_else(|e| e));
         match message {
-            ClientMessage::Hello { .. } => Err(protocol::error(
+            ClientMessage::Hello { .. } => now(Err(protocol::error(
                 None,
                 ErrorCode::BadRequest,
                 "already said hello",
-            )),
-            ClientMessage::Ping { id } => Ok(protocol::encode(&ServerMessage::Pong { id })),
+            ))),
+            ClientMessage::Ping { id } => now(Ok(protocol::encode(&ServerMessage::Pong { id }))),
             ClientMessage::Subscribe { id, topic, inline } => {
-                self.subscribe(id, &topic, inline).await
+                now(self.subscribe(id, &topic, inline).await)
             }
-            ClientMessage::Unsubscribe { id, topic } => {
-                let topic = parse_topic(id, &topic)?;
-                if self.subscriptions.remove(&topic) {
-                    self.shared.leave(&topic, self.id);
-                }
-                lock(&self.connection.pending).remove(&topic);
-                Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
-            }
+            ClientMessage::Unsubscribe { id, topic } => now(self.unsubscribe(id, &topic)),
             ClientMessage::Get {
                 id,
                 topic,
                 if_newer_than,
-            } => self.get(id, &topic, if_newer_than.as_deref()),
+            } => now(self.get(id, &topic, if_newer_than.as_deref())),
             ClientMessage::Set {
                 id,
                 topic,
                 data,
                 expected_revision,
                 source_id,
-            } => {
-                let source_id = source_id.unwrap_or_else(|| self.client_id.clone());
-                self.set(
-                    id,
-                    &topic,
-                    data.get().as_bytes(),
-                    expected_revision.as_deref(),
-                    source_id,
-                )
-                .await
-            }
+            } => match self.prepare_set(id, &topic, expected_revision.as_deref(), source_id) {
+                Ok((topic, expected, source_id)) => {
+                    let shared = self.shared.clone();
+                    Handled {
+                        topic: Some(topic.clone()),
+                        answer: Box::pin(async move {
+                            commit(&shared, id, topic, &data, expected, source_id)
+                                .await
+                                .unwrap_or_else(|e| e)
+                        }),
+                    }
+                }
+                Err(error) => Handled::now(error),
+            },
         }
     }
 
@@ -844,6 +1154,15 @@ impl Session {
             topic,
             revision: current.revision,
         }))
+    }
+
+    fn unsubscribe(&mut self, id: u64, topic: &str) -> Answer {
+        let topic = parse_topic(id, topic)?;
+        if self.subscriptions.remove(&topic) {
+            self.shared.leave(&topic, self.id);
+        }
+        lock(&self.connection.pending).remove(&topic);
+        Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
     }
 
     fn get(&self, id: u64, topic: &str, if_newer_than: Option<&str>) -> Answer {
@@ -885,53 +1204,110 @@ impl Session {
         ))
     }
 
-    async fn set(
+    /// Checks a `set` before it runs: topic, permission, revision, fields.
+    fn prepare_set(
         &self,
         id: u64,
         topic: &str,
-        data: &[u8],
         expected: Option<&str>,
-        source_id: String,
-    ) -> Answer {
+        source_id: Option<String>,
+    ) -> Result<(Topic, Option<Revision>, String), Bytes> {
         let topic = parse_topic(id, topic)?;
         if !self.grant.can_write(&topic) {
             return Err(forbidden(id, "write", &topic));
         }
         let expected = expected.map(|r| parse_revision(id, r)).transpose()?;
-        let limit = self.shared.config.max_snapshot_bytes;
-        if data.len() > limit {
-            return Err(protocol::error(
-                Some(id),
-                ErrorCode::TooLarge,
-                format!("data of {} bytes exceeds the limit of {limit}", data.len()),
-            ));
+        let max = self.shared.config.max_field_bytes;
+        if let Some(what) = over_limit(&[("sourceId", source_id.as_ref())], max) {
+            return Err(protocol::error(Some(id), ErrorCode::TooLarge, what));
         }
-        let hub = &self.shared.hub;
-        if !hub.is_open(&topic) {
-            if !self.shared.config.create_topics {
-                return Err(hub_error(id, &HubError::UnknownTopic { topic }));
-            }
-            hub.json_topic(topic.as_str())
-                .await
-                .map_err(|e| hub_error(id, &e))?;
+        let source_id = source_id.unwrap_or_else(|| self.client_id.clone());
+        Ok((topic, expected, source_id))
+    }
+}
+
+/// A handled request: the topic it concerns, and its answer (ready, or a
+/// write being committed).
+struct Handled {
+    topic: Option<Topic>,
+    answer: Pin<Box<dyn Future<Output = Bytes> + Send>>,
+}
+
+impl Handled {
+    fn now(answer: Bytes) -> Self {
+        Handled {
+            topic: None,
+            answer: Box::pin(std::future::ready(answer)),
         }
-        match hub.set_json(&topic, data, expected, Some(source_id)).await {
-            Ok(revision) => {
-                self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
-                Ok(protocol::encode(&ServerMessage::Ok {
-                    id,
-                    revision: Some(revision),
-                }))
-            }
-            Err(HubError::Conflict { current, .. }) => {
-                Ok(protocol::encode(&ServerMessage::Conflict {
-                    id,
-                    topic,
-                    current_revision: current,
-                }))
-            }
-            Err(e) => Err(hub_error(id, &e)),
+    }
+}
+
+/// The topic a request concerns, for per-topic ordering.
+fn message_topic(message: &ClientMessage) -> Option<&str> {
+    match message {
+        ClientMessage::Subscribe { topic, .. }
+        | ClientMessage::Unsubscribe { topic, .. }
+        | ClientMessage::Get { topic, .. }
+        | ClientMessage::Set { topic, .. } => Some(topic),
+        _ => None,
+    }
+}
+
+fn release(busy: &mut HashMap<Topic, usize>, topic: Option<&Topic>) {
+    if let Some(topic) = topic
+        && let Some(count) = busy.get_mut(topic)
+    {
+        *count -= 1;
+        if *count == 0 {
+            busy.remove(topic);
         }
+    }
+}
+
+/// Commits a checked `set`, creating the topic when allowed.
+async fn commit(
+    shared: &Shared,
+    id: u64,
+    topic: Topic,
+    data: &RawValue,
+    expected: Option<Revision>,
+    source_id: String,
+) -> Answer {
+    let data = data.get().as_bytes();
+    let limit = shared.config.max_snapshot_bytes;
+    if data.len() > limit {
+        return Err(protocol::error(
+            Some(id),
+            ErrorCode::TooLarge,
+            format!("data of {} bytes exceeds the limit of {limit}", data.len()),
+        ));
+    }
+    let hub = &shared.hub;
+    if !hub.is_open(&topic) {
+        if !shared.config.create_topics {
+            return Err(hub_error(id, &HubError::UnknownTopic { topic }));
+        }
+        hub.json_topic(topic.as_str())
+            .await
+            .map_err(|e| hub_error(id, &e))?;
+    }
+    match hub
+        .set_json_limited(&topic, data, expected, Some(source_id), limit)
+        .await
+    {
+        Ok(revision) => {
+            shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(protocol::encode(&ServerMessage::Ok {
+                id,
+                revision: Some(revision),
+            }))
+        }
+        Err(HubError::Conflict { current, .. }) => Ok(protocol::encode(&ServerMessage::Conflict {
+            id,
+            topic,
+            current_revision: current,
+        })),
+        Err(e) => Err(hub_error(id, &e)),
     }
 }
 
@@ -971,7 +1347,22 @@ fn forbidden(id: u64, what: &str, topic: &Topic) -> Bytes {
     )
 }
 
+/// A hub error as a client sees it: the code, and a message that never
+/// names server paths (storage and damage details go to the log).
 fn hub_error(id: u64, error: &HubError) -> Bytes {
-    let message = state_sync::ErrorChain(error).to_string();
-    protocol::error(Some(id), ErrorCode::from_hub(error), message)
+    let code = ErrorCode::from_hub(error);
+    let message = match error {
+        HubError::Storage { topic, .. } => {
+            tracing::error!(error = %state_sync::ErrorChain(error), "storage failed");
+            match topic {
+                Some(topic) => format!("storage failed for `{topic}`; nothing was committed"),
+                None => "storage failed; nothing was committed".to_owned(),
+            }
+        }
+        HubError::Damaged { topic, .. } => format!(
+            "topic `{topic}` is damaged and quarantined until an operator restores it; see the server log"
+        ),
+        _ => state_sync::ErrorChain(error).to_string(),
+    };
+    protocol::error(Some(id), code, message)
 }

@@ -70,7 +70,11 @@ async fn damaged_files_are_quarantined_with_a_clear_error_and_nothing_is_overwri
             panic!("{what}: expected Corrupt, got {err:?}");
         };
         if what == "bit flip" {
-            assert_eq!(*claimed_revision, Some(Revision::new(2)), "header still readable");
+            assert_eq!(
+                *claimed_revision,
+                Some(Revision::new(2)),
+                "header still readable"
+            );
         }
         if what == "garbage" || what == "empty" {
             assert_eq!(*claimed_revision, None);
@@ -93,13 +97,17 @@ async fn damaged_files_are_quarantined_with_a_clear_error_and_nothing_is_overwri
 }
 
 #[tokio::test]
-async fn after_a_quarantine_load_returns_the_backup_and_with_no_good_copy_the_topic_stays_damaged() {
+async fn after_a_quarantine_load_returns_the_backup_and_with_no_good_copy_the_topic_stays_damaged()
+{
     let dir = tempfile::tempdir().unwrap();
     let (storage, topic, path) = stored(dir.path()).await;
     std::fs::write(&path, b"SSR1 00000000 2 3\nbad").unwrap();
     assert!(matches!(
         storage.load(&topic).await,
-        Err(Error::Corrupt { backup: Some(_), .. })
+        Err(Error::Corrupt {
+            backup: Some(_),
+            ..
+        })
     ));
     let fallback = storage.load(&topic).await.unwrap().unwrap();
     assert_eq!(fallback.revision, Revision::new(1), "the last good copy");
@@ -116,7 +124,10 @@ async fn after_a_quarantine_load_returns_the_backup_and_with_no_good_copy_the_to
     // silently an empty topic; still listed.
     for _ in 0..2 {
         let err = storage.load(&topic).await.unwrap_err();
-        assert!(matches!(err, Error::Corrupt { backup: None, .. }), "{err:?}");
+        assert!(
+            matches!(err, Error::Corrupt { backup: None, .. }),
+            "{err:?}"
+        );
     }
     let reopened = FileStorage::open(dir.path()).unwrap();
     assert!(reopened.load(&topic).await.is_err());
