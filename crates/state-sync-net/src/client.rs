@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::frames::{self, FrameError, FrameSink, FrameStream};
-use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, Secret, ServerMessage};
 
 /// Where a hub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +54,9 @@ impl fmt::Display for Endpoint {
 pub struct ClientOptions {
     /// A name for the server's logs; also the default `sourceId` of writes.
     pub client_id: String,
-    /// The access token, if the server requires one.
-    pub token: Option<String>,
+    /// The access token, if the server requires one (never shown by
+    /// `Debug`).
+    pub token: Option<Secret>,
     /// Reconnect delays (default: 100 ms doubling to 5 s, with jitter,
     /// forever).
     pub reconnect: RetryPolicy,
@@ -98,7 +99,7 @@ impl ClientOptions {
     /// Sets the access token.
     #[must_use]
     pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+        self.token = Some(Secret::new(token));
         self
     }
 

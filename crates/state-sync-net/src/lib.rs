@@ -25,5 +25,5 @@ mod server;
 
 pub use access::{AccessConfig, AccessConfigError, ClientAccess, Grant};
 pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint, RemoteTopic};
-pub use protocol::{ErrorCode, PROTOCOL_VERSION};
+pub use protocol::{ErrorCode, PROTOCOL_VERSION, Secret};
 pub use server::{Server, ServerConfig, ServerStats};

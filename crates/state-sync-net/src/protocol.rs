@@ -33,7 +33,7 @@ pub enum ClientMessage {
         client_id: String,
         /// The access token, if the server requires one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        token: Option<String>,
+        token: Option<Secret>,
     },
     /// Start receiving invalidations for `topic`.
     Subscribe {
@@ -84,6 +84,32 @@ pub enum ClientMessage {
         /// Request id.
         id: u64,
     },
+}
+
+/// A secret, such as an access token: serialized as the plain string, but
+/// `Debug` never shows it, so logging a message cannot leak it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    #[must_use]
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A message from server to client.

@@ -28,7 +28,8 @@ use tokio_util::task::TaskTracker;
 use crate::access::{AccessConfig, Grant};
 use crate::frames::{self, FrameError, FrameSink, FrameStream};
 use crate::protocol::{
-    self, CLIENT_MESSAGE_TYPES, ClientMessage, Envelope, ErrorCode, PROTOCOL_VERSION, ServerMessage,
+    self, CLIENT_MESSAGE_TYPES, ClientMessage, Envelope, ErrorCode, PROTOCOL_VERSION, Secret,
+    ServerMessage,
 };
 
 /// Limits and behaviour of a [`Server`].
@@ -829,11 +830,17 @@ async fn handshake(
                     ),
                 )
             } else if let Some(what) = over_limit(
-                &[("clientId", Some(&client_id)), ("token", token.as_ref())],
+                &[
+                    ("clientId", Some(client_id.as_str())),
+                    ("token", token.as_ref().map(Secret::expose)),
+                ],
                 max,
             ) {
                 refuse(ErrorCode::TooLarge, &what)
-            } else if let Some(grant) = shared.access.authenticate(token.as_deref()) {
+            } else if let Some(grant) = shared
+                .access
+                .authenticate(token.as_ref().map(Secret::expose))
+            {
                 Ok((client_id, grant))
             } else {
                 tracing::warn!(%peer, %client_id, "rejected: bad token");
@@ -849,7 +856,7 @@ async fn handshake(
 }
 
 /// The first of `fields` longer than `max` bytes, described.
-fn over_limit(fields: &[(&str, Option<&String>)], max: usize) -> Option<String> {
+fn over_limit(fields: &[(&str, Option<&str>)], max: usize) -> Option<String> {
     fields.iter().find_map(|(name, value)| {
         let len = value.map_or(0, |v| v.len());
         (len > max).then(|| format!("{name} is {len} bytes, over the limit of {max}"))
@@ -1218,7 +1225,7 @@ impl Session {
         }
         let expected = expected.map(|r| parse_revision(id, r)).transpose()?;
         let max = self.shared.config.max_field_bytes;
-        if let Some(what) = over_limit(&[("sourceId", source_id.as_ref())], max) {
+        if let Some(what) = over_limit(&[("sourceId", source_id.as_deref())], max) {
             return Err(protocol::error(Some(id), ErrorCode::TooLarge, what));
         }
         let source_id = source_id.unwrap_or_else(|| self.client_id.clone());

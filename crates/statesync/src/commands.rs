@@ -1,6 +1,6 @@
 //! `serve`, `get`, `set`, `watch`: thin layers over the library crates.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use state_sync_net::{
 };
 use state_sync_storage::{Durability, FileStorage};
 
+use crate::output::{complain, say};
 use crate::platform::{self, shutdown_signal};
 use crate::{HubArgs, default_data_dir, exit};
 
@@ -40,16 +41,26 @@ pub(crate) struct ServeArgs {
     /// write patterns).
     #[arg(long, env = "STATESYNC_ACCESS")]
     access: Option<PathBuf>,
-    /// A token with full access (in addition to `--access` entries).
+    /// A token with full access (in addition to `--access` entries). A
+    /// command line is visible to every local user in the process list:
+    /// prefer the `STATESYNC_TOKEN` environment variable or `--token-file`.
     #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file whose first line is a token with full access.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STATESYNC_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
-    eprintln!("statesync: {message}");
+    complain(format_args!("statesync: {message}"));
     code
 }
 
@@ -75,8 +86,12 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         },
         None => AccessConfig::open(),
     };
-    if let Some(token) = args.token {
-        access = access.with_client(ClientAccess::new(token).read("*").write("*"));
+    match read_token(args.token, args.token_file.as_ref()) {
+        Ok(Some(token)) => {
+            access = access.with_client(ClientAccess::new(token).read("*").write("*"));
+        }
+        Ok(None) => {}
+        Err(code) => return code,
     }
     let hub = Hub::new(storage);
     let topics = match hub.open_stored_topics().await {
@@ -126,11 +141,10 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         "local": local,
         "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
     });
-    println!("{ready}");
-    let _ = std::io::stdout().flush();
+    say(ready);
     shutdown_signal().await;
     server.shutdown().await;
-    println!("{}", serde_json::json!({"event": "stopped"}));
+    say(serde_json::json!({"event": "stopped"}));
     exit::OK
 }
 
@@ -178,7 +192,25 @@ pub(crate) fn endpoint(hub: &HubArgs) -> Endpoint {
     }
 }
 
-pub(crate) fn options(hub: &HubArgs, client_id: &str) -> ClientOptions {
+/// The token of `--token` (or `STATESYNC_TOKEN`), or the first line of
+/// `--token-file`.
+fn read_token(token: Option<String>, file: Option<&PathBuf>) -> Result<Option<String>, u8> {
+    let Some(file) = file else {
+        return Ok(token);
+    };
+    match std::fs::read_to_string(file) {
+        Ok(text) => match text.lines().next().map(str::trim) {
+            Some(token) if !token.is_empty() => Ok(Some(token.to_owned())),
+            _ => Err(fail(
+                exit::BAD_INPUT,
+                format!("{}: no token on its first line", file.display()),
+            )),
+        },
+        Err(e) => Err(fail(exit::BAD_INPUT, format!("{}: {e}", file.display()))),
+    }
+}
+
+pub(crate) fn options(hub: &HubArgs, client_id: &str) -> Result<ClientOptions, u8> {
     let mut options = ClientOptions::new(client_id).reconnect(
         RetryPolicy::default()
             .max_attempts(u32::MAX)
@@ -186,16 +218,16 @@ pub(crate) fn options(hub: &HubArgs, client_id: &str) -> ClientOptions {
             .max_delay(Duration::from_secs(2))
             .jitter(true),
     );
-    if let Some(token) = &hub.token {
-        options = options.token(token.clone());
+    if let Some(token) = read_token(hub.token.clone(), hub.token_file.as_ref())? {
+        options = options.token(token);
     }
-    options
+    Ok(options)
 }
 
 /// Connects for a one-shot command: gives up after a few seconds.
 async fn connect_once(hub: &HubArgs, client_id: &str) -> Result<Client, u8> {
     let endpoint = endpoint(hub);
-    let client = Client::connect(endpoint.clone(), options(hub, client_id));
+    let client = Client::connect(endpoint.clone(), options(hub, client_id)?);
     match tokio::time::timeout(Duration::from_secs(5), client.wait_connected()).await {
         Ok(ConnectionStatus::Connected) => Ok(client),
         Ok(ConnectionStatus::Refused(why)) => {
@@ -234,7 +266,7 @@ pub(crate) async fn get(args: GetArgs) -> u8 {
     match client.get_json(&args.topic).await {
         Ok((revision, data)) => {
             let data = String::from_utf8_lossy(&data);
-            println!(r#"{{"revision":"{revision}","data":{data}}}"#);
+            say(format_args!(r#"{{"revision":"{revision}","data":{data}}}"#));
             exit::OK
         }
         Err(e) => fail(exit_code(&e), e),
@@ -255,7 +287,7 @@ pub(crate) async fn set(args: SetArgs) -> u8 {
     };
     match client.set_json(&args.topic, json, args.expect).await {
         Ok(revision) => {
-            println!(r#"{{"revision":"{revision}"}}"#);
+            say(format_args!(r#"{{"revision":"{revision}"}}"#));
             exit::OK
         }
         Err(ClientError::Conflict { current }) => fail(
@@ -288,10 +320,7 @@ fn read_input(json: Option<&str>, file: Option<&PathBuf>) -> Result<String, Stri
 
 /// Prints one applied snapshot as a JSON line.
 fn print_applied(topic: &str, revision: Revision, data: &Value) {
-    let line = serde_json::json!({"topic": topic, "revision": revision, "data": data});
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    say(serde_json::json!({"topic": topic, "revision": revision, "data": data}));
 }
 
 /// Starts a replica of `topic` that prints every applied snapshot; retries
@@ -335,7 +364,11 @@ pub(crate) async fn start_watch(client: &Client, topic: &str) -> Result<SyncHand
 }
 
 pub(crate) async fn watch(args: WatchArgs) -> u8 {
-    let client = Client::connect(endpoint(&args.hub), options(&args.hub, "statesync-watch"));
+    let options = match options(&args.hub, "statesync-watch") {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    let client = Client::connect(endpoint(&args.hub), options);
     let mut handles = Vec::new();
     for topic in &args.topics {
         let started = tokio::select! {

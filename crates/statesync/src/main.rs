@@ -2,6 +2,7 @@
 
 mod commands;
 mod demo;
+mod output;
 mod platform;
 
 use std::path::PathBuf;
@@ -52,14 +53,14 @@ enum Command {
     /// Run a hub on the embedded crash-safe file store.
     #[command(after_help = "Examples:
   statesync serve
-  statesync serve --data-dir ./state --ws 127.0.0.1:7700 --token s3cret
+  STATESYNC_TOKEN=s3cret statesync serve --data-dir ./state --ws 127.0.0.1:7700
   statesync serve --access access.toml --log info
-  statesync serve --local state-sync --token s3cret")]
+  statesync serve --local state-sync --token-file ~/.config/state-sync/token")]
     Serve(commands::ServeArgs),
     /// Print a topic's `{revision, data}` as JSON.
     #[command(after_help = "Examples:
   statesync get settings
-  statesync get settings --url ws://127.0.0.1:7700 --token s3cret")]
+  STATESYNC_TOKEN=s3cret statesync get settings --url ws://127.0.0.1:7700")]
     Get(commands::GetArgs),
     /// Write a topic (JSON from the argument, `--file`, or stdin).
     #[command(after_help = format!("Examples:
@@ -96,9 +97,19 @@ pub(crate) struct HubArgs {
     /// The hub's named local socket (`serve --local NAME`).
     #[arg(long, value_name = "NAME")]
     local: Option<String>,
-    /// Access token.
+    /// Access token. A command line is visible to every local user in the
+    /// process list: prefer the `STATESYNC_TOKEN` environment variable or
+    /// `--token-file`.
     #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file whose first line is the access token.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "STATESYNC_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     /// The data directory whose socket to use.
     #[arg(long, env = "STATESYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -112,14 +123,29 @@ pub(crate) fn default_data_dir() -> PathBuf {
         .join("state-sync")
 }
 
+/// The log filter from `--log`. The WebSocket library's own traces print
+/// frame payloads, tokens included: they stay at `info` unless the filter
+/// names them explicitly.
+fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if spec.contains("tungstenite") {
+        return filter;
+    }
+    ["tungstenite=info", "tokio_tungstenite=info"]
+        .into_iter()
+        .filter_map(|directive| directive.parse().ok())
+        .fold(filter, tracing_subscriber::EnvFilter::add_directive)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(log_filter(&cli.log))
         .with_writer(std::io::stderr)
+        // Its report of a failed write is an `eprintln!`, which panics on
+        // the same broken stderr: logging must never stop serving.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -127,7 +153,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("statesync: cannot start the runtime: {e}");
+            output::complain(format_args!("statesync: cannot start the runtime: {e}"));
             return ExitCode::from(exit::FAILURE);
         }
     };

@@ -24,15 +24,29 @@ fn statesync() -> Command {
 struct HubProcess {
     child: Child,
     socket: PathBuf,
+    websocket: Option<String>,
 }
 
 impl HubProcess {
     fn start(data_dir: &Path, extra: &[&str]) -> HubProcess {
+        HubProcess::start_with(data_dir, extra, Stdio::inherit())
+    }
+
+    /// Starts a hub logging to `stderr`.
+    fn start_with(data_dir: &Path, extra: &[&str], stderr: Stdio) -> HubProcess {
+        let log = if extra.contains(&"--log") {
+            &[][..]
+        } else {
+            &["--log", "warn"][..]
+        };
         let mut child = statesync()
-            .args(["serve", "--log", "warn", "--data-dir"])
+            .arg("serve")
+            .args(log)
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .stdout(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut first = String::new();
@@ -45,6 +59,9 @@ impl HubProcess {
         HubProcess {
             child,
             socket: PathBuf::from(ready["socket"].as_str().unwrap()),
+            websocket: ready["websocket"]
+                .as_str()
+                .map(|addr| format!("ws://{addr}")),
         }
     }
 
@@ -366,4 +383,73 @@ fn every_command_has_help_with_examples() {
     }
     let out = statesync().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Exit codes:"));
+}
+
+#[test]
+fn a_hub_whose_stderr_and_stdout_are_gone_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::File::create("/dev/full").unwrap();
+    // Every warning (a refused token) fails to reach stderr; the hub's
+    // stdout reader is gone too once `start` returns.
+    let hub = HubProcess::start_with(
+        dir.path(),
+        &["--log", "debug", "--token", "right"],
+        Stdio::from(full),
+    );
+    for i in 0..5 {
+        let (code, _, _) = run(&["get", "t", "--token", "wrong"], &hub.socket);
+        assert_eq!(code, 5, "refused, and logged as a warning");
+        let value = i.to_string();
+        let (code, out, err) = run(&["set", "t", &value, "--token", "right"], &hub.socket);
+        assert_eq!(code, 0, "set {i}: {out} {err}");
+        let (code, out, _) = run(&["get", "t", "--token", "right"], &hub.socket);
+        assert_eq!(code, 0);
+        let got: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(got["data"], json!(i));
+    }
+}
+
+#[test]
+fn tokens_come_from_a_file_and_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "tok-5f1c2a9e-never-logged";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+    let log_path = dir.path().join("hub.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let data_dir = dir.path().join("data");
+    let hub = HubProcess::start_with(
+        &data_dir,
+        &[
+            "--log",
+            "trace",
+            "--ws",
+            "127.0.0.1:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Stdio::from(log),
+    );
+    let url = hub.websocket.clone().unwrap();
+    let by_file = ["--token-file", token_file.to_str().unwrap()];
+    let set = statesync()
+        .args(["set", "t", "1", "--url", &url])
+        .args(by_file)
+        .output()
+        .unwrap();
+    assert!(set.status.success(), "{set:?}");
+    let (code, _, _) = run(
+        &["get", "t", "--token-file", token_file.to_str().unwrap()],
+        &hub.socket,
+    );
+    assert_eq!(code, 0);
+    let (code, _, _) = run(&["get", "t"], &hub.socket);
+    assert_eq!(code, 5, "no token: refused");
+    drop(hub);
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("TRACE") || logged.contains("DEBUG"),
+        "trace logging is on"
+    );
+    assert!(!logged.contains(secret), "the token reached the log");
 }
