@@ -41,6 +41,20 @@ pub enum Error {
         /// fallback to an older copy must stay above.
         claimed_revision: Option<state_sync::Revision>,
     },
+    /// Another process has the storage directory open (two hubs on one
+    /// store would overwrite each other's records). Not retryable until it
+    /// stops.
+    #[error(
+        "storage directory {} is in use by another process{}",
+        dir.display(),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The process holding it, when it said.
+        holder: Option<u32>,
+    },
     /// A background task running blocking file work failed.
     #[error("storage task failed")]
     Task(#[source] tokio::task::JoinError),

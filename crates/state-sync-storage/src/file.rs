@@ -81,6 +81,7 @@ pub enum Durability {
 pub struct FileStorage {
     dir: Arc<PathBuf>,
     durability: Durability,
+    _lock: Arc<platform::DirLock>,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -96,15 +97,22 @@ impl FileStorage {
     /// `0600`: only the user running the process can read them. An existing
     /// directory open to others is used as it is, with a warning.
     ///
+    /// The directory is locked (file `.lock`) while any `FileStorage` of
+    /// this process uses it; opening it again in this process shares the
+    /// lock.
+    ///
     /// # Errors
     ///
-    /// When the directory cannot be created.
+    /// When the directory cannot be created; [`Error::Locked`] when another
+    /// process has it open.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         platform::create_private_dir(dir).map_err(io_error(dir))?;
+        let lock = platform::lock_dir(dir)?;
         Ok(FileStorage {
             dir: Arc::new(dir.to_owned()),
             durability: Durability::default(),
+            _lock: lock,
         })
     }
 

@@ -17,6 +17,28 @@
 //! store is in flight into one store (group commit); see `docs/BENCHMARKS.md`
 //! for what each mode costs.
 //!
+//! # Files, modes and locking
+//!
+//! [`FileStorage`] keeps one file per topic, `t-<topic in hex>.ssr`, its
+//! last good copy `….ssr.bak`, and `….ssr.tmp` while a store is in flight.
+//! On Unix the directories it creates are `0700` and every file `0600`,
+//! whatever the umask: only the user running the hub can read the data.
+//! The directory is locked (`.lock`, holding the pid) while a process uses
+//! it, so a second hub on the same store fails with
+//! [`Error::Locked`](crate::Error::Locked) instead of overwriting records.
+//!
+//! # Recovery
+//!
+//! A record whose header, length or checksum is wrong is renamed aside to
+//! `….corrupt-<unix ms>` (never overwritten or deleted) and reported as
+//! [`Error::Corrupt`](crate::Error::Corrupt), with the revision its header
+//! still names if it can be read; the next `load` returns the last good
+//! copy. The hub then continues *above* every revision that may have been
+//! issued and logs the loss as an error (`state_sync_hub::Hub::topic`).
+//! When no good copy is left, `load` keeps answering `Corrupt` (the topic
+//! is damaged, not silently new) until an operator restores a quarantined
+//! file under its original name or deletes the topic's files.
+//!
 //! # Feature flags
 //!
 //! | feature | default | enables |

@@ -81,3 +81,55 @@ pub(crate) fn private_file_options() -> OpenOptions {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options
 }
+
+/// An exclusive lock on a storage directory, held while any
+/// [`FileStorage`](crate::FileStorage) of this process uses it: a second
+/// process opening the directory is refused. Through the standard library's
+/// file locks (`flock` on Unix, `LockFileEx` on Windows), released by the
+/// operating system if the process dies.
+#[derive(Debug)]
+pub(crate) struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir`, or shares the lock this process already holds on it.
+pub(crate) fn lock_dir(dir: &Path) -> Result<std::sync::Arc<DirLock>, crate::Error> {
+    use std::collections::HashMap;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+    static HELD: Mutex<Option<HashMap<std::path::PathBuf, Weak<DirLock>>>> = Mutex::new(None);
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| crate::Error::Io { path, source }
+    };
+    let canonical = dir.canonicalize().map_err(io_error(dir))?;
+    let mut held = HELD.lock().unwrap_or_else(PoisonError::into_inner);
+    let held = held.get_or_insert_with(HashMap::new);
+    if let Some(lock) = held.get(&canonical).and_then(Weak::upgrade) {
+        return Ok(lock);
+    }
+    let path = canonical.join(".lock");
+    let mut file = private_file_options()
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(crate::Error::Locked {
+                dir: canonical,
+                holder: holder.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_error(&path)(e)),
+    }
+    // Who holds it, for the error another process will show.
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    let lock = Arc::new(DirLock { _file: file });
+    held.retain(|_, lock| lock.strong_count() > 0);
+    held.insert(canonical, Arc::downgrade(&lock));
+    Ok(lock)
+}

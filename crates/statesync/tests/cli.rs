@@ -453,3 +453,18 @@ fn tokens_come_from_a_file_and_never_reach_the_log() {
     );
     assert!(!logged.contains(secret), "the token reached the log");
 }
+
+#[test]
+fn a_second_hub_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = HubProcess::start(dir.path(), &[]);
+    let second = statesync()
+        .args(["serve", "--log", "error", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    assert!(err.contains(&format!("pid {}", _first.child.id())), "{err}");
+}
