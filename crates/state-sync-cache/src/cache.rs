@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use state_sync::{Applier, BoxError, Revision, SnapshotEnvelope, Topic};
+use state_sync::{Applier, Backoff, BoxError, RetryPolicy, Revision, SnapshotEnvelope, Topic};
 use state_sync_storage::{AnyStorage, Record, Storage};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -178,8 +178,10 @@ where
         self
     }
 
-    /// A staged snapshot is saved at most `max_wait` after it was staged,
-    /// however often debounce postpones it.
+    /// Bounds the debounce: a staged snapshot waits at most `max_wait` for
+    /// quiet, however often new snapshots postpone it. The throttle still
+    /// holds (saves stay `throttle` apart), and so does the backoff after a
+    /// failed save.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.settings.timing.max_wait = Some(max_wait);
         self
@@ -295,6 +297,20 @@ struct Pending<T> {
     first_staged: Option<Instant>,
     last_staged: Option<Instant>,
     last_save: Option<Instant>,
+    /// After failed saves: no automatic save before this.
+    retry_at: Option<Instant>,
+    /// Delays between automatic retries of a failing save.
+    backoff: Backoff,
+}
+
+/// How long a failing save waits before it is tried again: 100 ms doubling
+/// to 30 s, with jitter, for as long as it fails.
+fn save_retry_policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(u32::MAX)
+        .initial_delay(Duration::from_millis(100))
+        .max_delay(Duration::from_secs(30))
+        .jitter(true)
 }
 
 impl<T> Default for Pending<T> {
@@ -304,6 +320,8 @@ impl<T> Default for Pending<T> {
             first_staged: None,
             last_staged: None,
             last_save: None,
+            retry_at: None,
+            backoff: save_retry_policy().backoff(),
         }
     }
 }
@@ -416,14 +434,16 @@ where
     }
 
     /// Stages `snapshot` for saving; the newest staged snapshot wins.
-    /// Ignored after [`dispose`](Self::dispose).
+    /// Ignored once [`dispose`](Self::dispose) has made its final save.
     pub fn stage(&self, snapshot: SnapshotEnvelope<T>) {
-        if self.inner.disposed.load(Ordering::Acquire) {
-            return;
-        }
         let now = Instant::now();
         {
             let mut pending = lock(&self.inner.pending);
+            // Checked under the lock `dispose` sets it under: a snapshot is
+            // either saved by the final save or refused, never dropped.
+            if self.inner.disposed.load(Ordering::Acquire) {
+                return;
+            }
             let replaced = pending.snapshot.replace(snapshot).is_some();
             pending.first_staged.get_or_insert(now);
             pending.last_staged = Some(now);
@@ -443,13 +463,15 @@ where
         self.command(Command::Flush).await
     }
 
-    /// Flushes, then stops saving: later snapshots are not staged.
+    /// Flushes, then stops saving: snapshots staged while the final save
+    /// runs are saved too, later ones are not staged.
     ///
     /// # Errors
     ///
     /// The final save's error.
     pub async fn dispose(&self) -> Result<(), CacheError> {
         let result = self.command(Command::Dispose).await;
+        // Already set by the saver; also when it had gone.
         self.inner.disposed.store(true, Ordering::Release);
         match result {
             Err(CacheError::Disposed) => Ok(()),
@@ -541,17 +563,24 @@ where
     }
 
     /// When the staged snapshot is due, or `None` when nothing is staged.
+    ///
+    /// Debounce waits for quiet, `max_wait` bounds that wait, the throttle
+    /// then spaces saves apart, and after a failure the retry backoff holds
+    /// further automatic saves back.
     fn due(&self) -> Option<Instant> {
         let pending = lock(&self.pending);
         pending.snapshot.as_ref()?;
         let last = pending.last_staged?;
-        let mut due = last + self.settings.timing.debounce.unwrap_or_default();
-        if let (Some(interval), Some(saved)) = (self.settings.timing.throttle, pending.last_save) {
+        let timing = &self.settings.timing;
+        let mut due = last + timing.debounce.unwrap_or_default();
+        if let (Some(max_wait), Some(first)) = (timing.max_wait, pending.first_staged) {
+            due = due.min(first + max_wait);
+        }
+        if let (Some(interval), Some(saved)) = (timing.throttle, pending.last_save) {
             due = due.max(saved + interval);
         }
-        if let (Some(max_wait), Some(first)) = (self.settings.timing.max_wait, pending.first_staged)
-        {
-            due = due.min(first + max_wait);
+        if let Some(retry_at) = pending.retry_at {
+            due = due.max(retry_at);
         }
         Some(due)
     }
@@ -572,6 +601,11 @@ where
         self.emit(&CacheEvent::SaveStarted { revision });
         match self.write(&snapshot).await {
             Ok(encoded) => {
+                {
+                    let mut pending = lock(&self.pending);
+                    pending.retry_at = None;
+                    pending.backoff.reset();
+                }
                 {
                     let mut stats = lock(&self.stats);
                     stats.saves += 1;
@@ -597,9 +631,32 @@ where
                     pending.snapshot = Some(snapshot);
                     pending.first_staged.get_or_insert(Instant::now());
                 }
+                // Back off: the failure will most likely repeat at once.
+                let delay = pending
+                    .backoff
+                    .next_delay()
+                    .unwrap_or(Duration::from_secs(30));
+                pending.retry_at = Some(Instant::now() + delay);
                 Err(error)
             }
         }
+    }
+
+    /// Saves until nothing is staged, then refuses further stages, under
+    /// the lock `stage` takes. Gives up after a failed save, or after a few
+    /// rounds if snapshots keep arriving.
+    async fn final_save(&self) -> Result<(), CacheError> {
+        for _ in 0..16 {
+            self.save_pending().await?;
+            let pending = lock(&self.pending);
+            if pending.snapshot.is_none() {
+                self.disposed.store(true, Ordering::Release);
+                return Ok(());
+            }
+        }
+        let _pending = lock(&self.pending);
+        self.disposed.store(true, Ordering::Release);
+        Ok(())
     }
 
     async fn write(&self, snapshot: &SnapshotEnvelope<T>) -> Result<format::Encoded, CacheError> {
@@ -635,7 +692,7 @@ where
                     let _ = ack.send(inner.save_pending().await);
                 }
                 Some(Command::Dispose(ack)) => {
-                    let _ = ack.send(inner.save_pending().await);
+                    let _ = ack.send(inner.final_save().await);
                     return;
                 }
                 None => {

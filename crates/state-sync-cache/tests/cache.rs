@@ -489,3 +489,101 @@ async fn every_declared_event_fires() {
     let stats = cache.stats();
     assert_eq!((stats.saves, stats.save_failures, stats.loads), (1, 1, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_save_backs_off_instead_of_retrying_in_a_tight_loop() {
+    let storage = FaultyStorage::new();
+    storage.fail_stores(true);
+    let (seen, on_event) = events();
+    let on_event = Arc::new(on_event);
+    for debounce in [None, Some(Duration::from_millis(20))] {
+        let on_event = on_event.clone();
+        let mut builder = SnapshotCache::<u64>::builder(topic(), storage.clone())
+            .on_event(move |e: &CacheEvent| on_event(e));
+        if let Some(debounce) = debounce {
+            builder = builder.debounce(debounce);
+        }
+        let cache = builder.build();
+        let before = storage.stores_started();
+        staged(&cache, 1);
+        advance(300).await;
+        let attempts = storage.stores_started() - before;
+        // At once, then after ~100 and ~200 ms of backoff (with jitter).
+        assert!(
+            (1..=4).contains(&attempts),
+            "{attempts} store attempts in 300 ms (debounce {debounce:?})"
+        );
+        // It keeps trying, further apart, and succeeds once storage works.
+        storage.fail_stores(false);
+        advance(1_000).await;
+        assert_eq!(saved(storage.records()).await, Some(Revision::new(1)));
+        storage.fail_stores(true);
+        drop(cache);
+    }
+    let failed = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, CacheEvent::SaveFailed { .. }))
+        .count();
+    assert!(failed <= 8, "{failed} SaveFailed events");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_staged_while_dispose_saves_is_saved_too() {
+    let (storage, gate) = FaultyStorage::new().holding(topic());
+    let cache = SnapshotCache::<u64>::builder(topic(), storage.clone()).build();
+    staged(&cache, 1);
+    // The saver starts saving 1 and waits on the gate.
+    advance(1).await;
+    assert_eq!(storage.stores_started(), 1);
+    let disposing = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.dispose().await }
+    });
+    advance(1).await;
+    // Staged while the final save runs.
+    staged(&cache, 2);
+    gate.add_permits(2);
+    disposing.within_limit().await.unwrap().unwrap();
+    assert_eq!(saved(storage.records()).await, Some(Revision::new(2)));
+    // After dispose, nothing more is staged or saved.
+    staged(&cache, 3);
+    assert!(matches!(cache.flush().await, Err(CacheError::Disposed)));
+    assert_eq!(saved(storage.records()).await, Some(Revision::new(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_bounds_the_debounce_but_the_throttle_still_holds() {
+    let storage = MemoryStorage::new();
+    let (seen, on_event) = events();
+    let cache = SnapshotCache::<u64>::builder(topic(), storage.clone())
+        .throttle(Duration::from_millis(500))
+        .max_wait(Duration::from_millis(100))
+        .on_event(on_event)
+        .build();
+    let start = tokio::time::Instant::now();
+    let saves = Arc::new(Mutex::new(Vec::new()));
+    for r in 1..=120 {
+        staged(&cache, r);
+        advance(10).await;
+        let completed = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e, CacheEvent::SaveCompleted { .. }))
+            .count();
+        let mut at = saves.lock().unwrap();
+        if completed > at.len() {
+            at.push(start.elapsed());
+        }
+    }
+    let at = saves.lock().unwrap().clone();
+    assert!(at.len() >= 2, "{at:?}");
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(500),
+            "saves closer than the throttle: {at:?}"
+        );
+    }
+}
