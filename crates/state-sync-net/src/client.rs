@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -23,8 +22,7 @@ use state_sync::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::frames::{self, FrameError, FrameSink, FrameStream};
-use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, Secret, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, Secret, ServerMessage};
 
 /// Where a hub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +149,9 @@ pub enum ConnectionStatus {
     Disconnected(String),
     /// Refused for good (bad token, unsupported version): not retrying.
     Refused(String),
+    /// The reconnect policy's attempts ran out (a finite
+    /// [`ClientOptions::reconnect`]): not retrying.
+    GaveUp(String),
     /// The client was dropped.
     Closed,
 }
@@ -200,12 +201,28 @@ impl ClientError {
 
 /// A connection to a hub server, shared by every topic of this process.
 ///
-/// It reconnects with exponential backoff and jitter; after reconnecting it
-/// resubscribes every topic and tells every handle to refresh
-/// ([`InvalidationSink::connection_restored`]), because invalidations may
-/// have been missed. Fetches are conditional, so an up-to-date replica
-/// transfers no data. Cheap to clone; the connection closes when the last
-/// clone is dropped.
+/// # Recovery
+///
+/// - It reconnects with the backoff of [`ClientOptions::reconnect`]
+///   (exponential, with jitter). The backoff starts over only once a
+///   connection has stayed up for a while (the ping interval, at most 5 s),
+///   so a hub that drops every connection right after the handshake is not
+///   hammered. When a finite policy's attempts run out, the status becomes
+///   [`ConnectionStatus::GaveUp`] and it stops; a refusal (bad token,
+///   unsupported version) is [`ConnectionStatus::Refused`], also final.
+/// - After reconnecting it resubscribes every topic and tells every handle
+///   to refresh ([`InvalidationSink::connection_restored`]), because
+///   invalidations may have been missed.
+/// - Reading, writing and the liveness check run independently: a hub that
+///   stops answering (no frame for two ping intervals) is dropped even
+///   while a large write is blocked, and a write that makes no progress
+///   for the request timeout drops the connection too.
+/// - A topic's hub-side subscription is shared by its handles: a handle's
+///   `start` succeeds only once the hub confirmed it, and a subscribe that
+///   failed or was cancelled leaves the next handle to subscribe itself.
+///
+/// Fetches are conditional, so an up-to-date replica transfers no data.
+/// Cheap to clone; the connection closes when the last clone is dropped.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -223,28 +240,89 @@ impl Drop for ClientInner {
     }
 }
 
-struct Shared {
-    options: ClientOptions,
-    endpoint: Endpoint,
+pub(crate) struct Shared {
+    pub(crate) options: ClientOptions,
+    pub(crate) endpoint: Endpoint,
     status: watch::Sender<ConnectionStatus>,
     /// Requests for the connection task; `None` while disconnected.
-    outgoing: Mutex<Option<mpsc::Sender<Bytes>>>,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<ServerMessage>>>,
-    next_id: AtomicU64,
-    topics: Mutex<HashMap<Topic, TopicSinks>>,
+    pub(crate) outgoing: Mutex<Option<mpsc::Sender<Bytes>>>,
+    pub(crate) waiting: Mutex<HashMap<u64, oneshot::Sender<ServerMessage>>>,
+    pub(crate) next_id: AtomicU64,
+    pub(crate) topics: Mutex<HashMap<Topic, TopicSinks>>,
     next_sink: AtomicU64,
+    /// Counts connections, so a subscription made on an old one is not
+    /// mistaken for one on the current connection.
+    connection: AtomicU64,
 }
 
-#[derive(Default)]
-struct TopicSinks {
+/// The handles of one topic and its subscription on the hub.
+pub(crate) struct TopicSinks {
     sinks: Vec<(u64, InvalidationSink)>,
     /// The newest revision heard of, for the probe.
     seen: Option<Revision>,
     /// The newest snapshot an invalidation carried, on this connection.
     inlined: Option<(Revision, Bytes)>,
+    /// The hub-side subscription; handles wait on it.
+    remote: watch::Sender<Remote>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+impl Default for TopicSinks {
+    fn default() -> Self {
+        TopicSinks {
+            sinks: Vec::new(),
+            seen: None,
+            inlined: None,
+            remote: watch::channel(Remote::Unsubscribed).0,
+        }
+    }
+}
+
+/// A topic's subscription on the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Remote {
+    /// None on the current connection.
+    Unsubscribed,
+    /// One handle is asking for it; the others wait for the outcome.
+    Subscribing,
+    /// Confirmed on connection number `connection`.
+    Subscribed { connection: u64 },
+}
+
+/// Claims a topic's subscription; if dropped before [`finish`](Self::finish)
+/// (the subscribing future was cancelled), gives the claim back so another
+/// handle can subscribe.
+struct Claim<'a> {
+    shared: &'a Shared,
+    topic: &'a Topic,
+    finished: bool,
+}
+
+impl Claim<'_> {
+    fn finish(mut self, subscribed_on: Option<u64>) {
+        self.finished = true;
+        self.set(subscribed_on);
+    }
+
+    fn set(&self, subscribed_on: Option<u64>) {
+        let current = self.shared.connection.load(Ordering::Acquire);
+        if let Some(t) = lock(&self.shared.topics).get(self.topic) {
+            t.remote.send_replace(match subscribed_on {
+                Some(connection) if connection == current => Remote::Subscribed { connection },
+                _ => Remote::Unsubscribed,
+            });
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.set(None);
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -266,9 +344,10 @@ impl Client {
             next_id: AtomicU64::new(1),
             topics: Mutex::new(HashMap::new()),
             next_sink: AtomicU64::new(1),
+            connection: AtomicU64::new(0),
         });
         let closed = CancellationToken::new();
-        tokio::spawn(run(shared.clone(), closed.clone()));
+        tokio::spawn(crate::connection::run(shared.clone(), closed.clone()));
         Client {
             inner: Arc::new(ClientInner { shared, closed }),
         }
@@ -286,8 +365,12 @@ impl Client {
         self.inner.shared.status.subscribe()
     }
 
-    /// Waits until connected (or refused for good, or closed); returns the
-    /// status then.
+    /// Waits until connected (or refused for good, given up, or closed);
+    /// returns the status then.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches the status.
     pub async fn wait_connected(&self) -> ConnectionStatus {
         let mut status = self.watch_status();
         let reached = status
@@ -296,6 +379,7 @@ impl Client {
                     s,
                     ConnectionStatus::Connected
                         | ConnectionStatus::Refused(_)
+                        | ConnectionStatus::GaveUp(_)
                         | ConnectionStatus::Closed
                 )
             })
@@ -467,7 +551,10 @@ impl Shared {
         }
     }
 
-    fn set_status(&self, status: ConnectionStatus) {
+    pub(crate) fn set_status(&self, status: ConnectionStatus) {
+        if status == ConnectionStatus::Connected {
+            self.connection.fetch_add(1, Ordering::AcqRel);
+        }
         self.status.send_if_modified(|s| {
             let changed = *s != status;
             *s = status;
@@ -494,14 +581,14 @@ impl Shared {
         })
     }
 
-    fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
+    pub(crate) fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
         lock(&self.topics)
             .get(topic)
             .map(|t| t.sinks.iter().map(|(_, s)| s.clone()).collect())
             .unwrap_or_default()
     }
 
-    fn all_sinks(&self) -> Vec<InvalidationSink> {
+    pub(crate) fn all_sinks(&self) -> Vec<InvalidationSink> {
         lock(&self.topics)
             .values()
             .flat_map(|t| t.sinks.iter().map(|(_, s)| s.clone()))
@@ -510,7 +597,7 @@ impl Shared {
 
     /// Hands an invalidation to the topic's sinks, outside every lock,
     /// after keeping the snapshot it carried for their fetches.
-    fn deliver(&self, event: &InvalidationEvent, snapshot: Option<(Revision, Bytes)>) {
+    pub(crate) fn deliver(&self, event: &InvalidationEvent, snapshot: Option<(Revision, Bytes)>) {
         {
             let mut topics = lock(&self.topics);
             if let Some(t) = topics.get_mut(&event.topic) {
@@ -525,6 +612,74 @@ impl Shared {
         for sink in self.sinks_of(&event.topic) {
             sink.deliver(event);
         }
+    }
+
+    /// Makes sure `topic` is subscribed on the current connection: subscribes
+    /// it, or waits for the handle already doing so and, if that failed or
+    /// was cancelled, tries itself. `Ok` only once the hub confirmed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a cancelled subscribe gives its claim back.
+    pub(crate) async fn ensure_subscribed(&self, topic: &Topic) -> Result<(), ClientError> {
+        loop {
+            let current = self.connection.load(Ordering::Acquire);
+            let (claimed, mut outcome) = {
+                let topics = lock(&self.topics);
+                let Some(t) = topics.get(topic) else {
+                    return Ok(()); // no handle left
+                };
+                let mut claimed = false;
+                t.remote.send_if_modified(|remote| match *remote {
+                    Remote::Subscribed { connection } if connection == current => false,
+                    Remote::Subscribing => false,
+                    _ => {
+                        *remote = Remote::Subscribing;
+                        claimed = true;
+                        true
+                    }
+                });
+                if !claimed
+                    && *t.remote.borrow()
+                        == (Remote::Subscribed {
+                            connection: current,
+                        })
+                {
+                    return Ok(());
+                }
+                (claimed, t.remote.subscribe())
+            };
+            if claimed {
+                let claim = Claim {
+                    shared: self,
+                    topic,
+                    finished: false,
+                };
+                let result = self.subscribe_remote(topic).await;
+                claim.finish(result.is_ok().then_some(current));
+                return result;
+            }
+            // Another handle is subscribing: wait for its outcome.
+            let _ = outcome.wait_for(|r| *r != Remote::Subscribing).await;
+        }
+    }
+
+    /// Asks the hub for `topic`'s revision again (a probe), catching a
+    /// subscription that went deaf.
+    pub(crate) async fn probe(&self, topic: &Topic) -> Result<(), ClientError> {
+        self.subscribe_remote(topic).await
+    }
+
+    /// Forgets what the connection that just ended carried.
+    pub(crate) fn connection_ended(&self) {
+        *lock(&self.outgoing) = None;
+        for topic in lock(&self.topics).values_mut() {
+            // What this connection carried may be stale on the next one.
+            topic.inlined = None;
+            topic.remote.send_replace(Remote::Unsubscribed);
+        }
+        // Fail every request still waiting.
+        lock(&self.waiting).clear();
     }
 
     /// Subscribes `topic` on the current connection.
@@ -556,304 +711,9 @@ impl Shared {
     }
 }
 
-/// The connection task: connect, serve, reconnect with backoff.
-async fn run(shared: Arc<Shared>, closed: CancellationToken) {
-    let mut backoff = shared.options.reconnect.backoff();
-    let mut connected_before = false;
-    loop {
-        shared.set_status(ConnectionStatus::Connecting);
-        let attempt = tokio::select! {
-            () = closed.cancelled() => break,
-            attempt = open(&shared) => attempt,
-        };
-        let error = match attempt {
-            Ok((frames, sink)) => {
-                backoff.reset();
-                let error = serve(&shared, &closed, frames, sink, connected_before).await;
-                connected_before = true;
-                error
-            }
-            Err(Failure::Refused(reason)) => {
-                tracing::error!(endpoint = %shared.endpoint, %reason, "refused by the hub; not retrying");
-                shared.set_status(ConnectionStatus::Refused(reason.clone()));
-                for sink in shared.all_sinks() {
-                    sink.connection_lost(reason.clone());
-                }
-                closed.cancelled().await;
-                break;
-            }
-            Err(Failure::Retry(reason)) => reason,
-        };
-        if closed.is_cancelled() {
-            break;
-        }
-        tracing::debug!(endpoint = %shared.endpoint, %error, "disconnected");
-        shared.set_status(ConnectionStatus::Disconnected(error));
-        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            () = closed.cancelled() => break,
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-    shared.set_status(ConnectionStatus::Closed);
-}
-
-enum Failure {
-    Retry(String),
-    Refused(String),
-}
-
-/// Connects to a local endpoint: a Unix socket or a named local socket.
-async fn local_stream(
-    endpoint: &Endpoint,
-    max: usize,
-) -> Result<(FrameStream, FrameSink), Failure> {
-    let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
-    match endpoint {
-        #[cfg(unix)]
-        Endpoint::Unix(path) => {
-            let (read, write) = crate::platform::connect_unix(path)
-                .await
-                .map_err(|e| retry(&e))?;
-            Ok(frames::length_delimited(read, write, max))
-        }
-        Endpoint::Local(name) => {
-            use interprocess::local_socket::GenericNamespaced;
-            use interprocess::local_socket::tokio::{Stream, prelude::*};
-            let name = name
-                .as_str()
-                .to_ns_name::<GenericNamespaced>()
-                .map_err(|e| Failure::Refused(format!("bad local socket name: {e}")))?;
-            // A busy Windows pipe fails at once; the reconnect loop retries.
-            let stream = Stream::connect(name).await.map_err(|e| retry(&e))?;
-            let (read, write) = tokio::io::split(stream);
-            Ok(frames::length_delimited(read, write, max))
-        }
-        other => Err(Failure::Refused(format!(
-            "{other} is not supported on this platform"
-        ))),
-    }
-}
-
-/// Connects and says hello.
-async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
-    let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
-    let max = shared.options.max_frame_bytes;
-    let (mut frames, mut sink) = match &shared.endpoint {
-        Endpoint::Unix(_) | Endpoint::Local(_) => local_stream(&shared.endpoint, max).await?,
-        Endpoint::WebSocket(url) => {
-            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                .max_message_size(Some(max))
-                .max_frame_size(Some(max));
-            let (socket, _) =
-                tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
-                    .await
-                    .map_err(|e| retry(&e))?;
-            frames::websocket(socket)
-        }
-    };
-    let hello = ClientMessage::Hello {
-        version: PROTOCOL_VERSION,
-        client_id: shared.options.client_id.clone(),
-        token: shared.options.token.clone(),
-    };
-    let hello = serde_json::to_vec(&hello).map_err(|e| retry(&e))?;
-    sink.send(Bytes::from(hello)).await.map_err(|e| retry(&e))?;
-    let answer = tokio::time::timeout(shared.options.request_timeout, frames.next())
-        .await
-        .map_err(|_| Failure::Retry("no welcome from the hub".into()))?;
-    match answer {
-        Some(Ok(frame)) => match ServerMessage::decode(&frame) {
-            Ok(ServerMessage::Welcome { .. }) => Ok((frames, sink)),
-            Ok(ServerMessage::Error { code, message, .. }) => {
-                let reason = format!("{code}: {message}");
-                match code {
-                    ErrorCode::Unauthorized | ErrorCode::UnsupportedVersion => {
-                        Err(Failure::Refused(reason))
-                    }
-                    _ => Err(Failure::Retry(reason)),
-                }
-            }
-            Ok(other) => Err(Failure::Retry(format!("expected welcome, got {other:?}"))),
-            Err(e) => Err(retry(&e)),
-        },
-        Some(Err(e)) => Err(retry(&e)),
-        None => Err(Failure::Retry(
-            "connection closed during the handshake".into(),
-        )),
-    }
-}
-
-/// Serves one connection until it fails; returns why.
-async fn serve(
-    shared: &Arc<Shared>,
-    closed: &CancellationToken,
-    mut frames: FrameStream,
-    mut sink: FrameSink,
-    reconnected: bool,
-) -> String {
-    let (outgoing, mut queue) = mpsc::channel::<Bytes>(256);
-    *lock(&shared.outgoing) = Some(outgoing);
-    shared.set_status(ConnectionStatus::Connected);
-    tracing::debug!(endpoint = %shared.endpoint, "connected");
-
-    // Resubscribe, then make every handle refresh: invalidations may have
-    // been missed while disconnected. Runs beside the loop below, which
-    // carries its requests.
-    let resubscribe = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let topics: Vec<Topic> = lock(&shared.topics).keys().cloned().collect();
-            for topic in topics {
-                if let Err(e) = shared.subscribe_remote(&topic).await {
-                    tracing::warn!(%topic, error = %e, "resubscribe failed");
-                    for sink in shared.sinks_of(&topic) {
-                        sink.report_error(format!("resubscribing `{topic}` failed: {e}"));
-                    }
-                }
-            }
-            if reconnected {
-                for sink in shared.all_sinks() {
-                    sink.connection_restored();
-                }
-            }
-        })
-    };
-
-    let ping_every = shared.options.ping_interval;
-    let mut ping = tokio::time::interval(ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut probe = shared.options.probe_interval.map(|every| {
-        let mut probe = tokio::time::interval(every);
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        probe
-    });
-    let mut last_heard = tokio::time::Instant::now();
-    // Made once: a new one per frame would register and unregister a
-    // waiter each time.
-    let cancelled = closed.cancelled();
-    tokio::pin!(cancelled);
-    let error = loop {
-        tokio::select! {
-            () = &mut cancelled => break "client closed".to_owned(),
-            frame = frames.next() => match frame {
-                Some(Ok(frame)) => {
-                    last_heard = tokio::time::Instant::now();
-                    dispatch(shared, &frame);
-                }
-                Some(Err(FrameError::Closed)) | None => break "the hub closed the connection".to_owned(),
-                Some(Err(e)) => break e.to_string(),
-            },
-            frame = queue.recv() => {
-                let Some(frame) = frame else { break "request queue closed".to_owned() };
-                if let Err(e) = sink.send(frame).await {
-                    break e.to_string();
-                }
-            }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > ping_every * 2 {
-                    break "the hub stopped answering".to_owned();
-                }
-                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                let frame = serde_json::to_vec(&ClientMessage::Ping { id }).unwrap_or_default();
-                if let Err(e) = sink.send(Bytes::from(frame)).await {
-                    break e.to_string();
-                }
-            }
-            _ = async { probe.as_mut().expect("guarded").tick().await }, if probe.is_some() => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let topics: Vec<Topic> = lock(&shared.topics).keys().cloned().collect();
-                    for topic in topics {
-                        let _ = shared.subscribe_remote(&topic).await;
-                    }
-                });
-            }
-        }
-    };
-    resubscribe.abort();
-    *lock(&shared.outgoing) = None;
-    // What this connection carried may be stale on the next one.
-    for topic in lock(&shared.topics).values_mut() {
-        topic.inlined = None;
-    }
-    // Fail every request still waiting.
-    lock(&shared.waiting).clear();
-    if !closed.is_cancelled() {
-        for sink in shared.all_sinks() {
-            sink.connection_lost(error.clone());
-        }
-    }
-    let _ = sink.close().await;
-    error
-}
-
 /// The bytes of a decoded raw JSON value, without copying them again.
-fn raw_bytes(raw: Box<RawValue>) -> Bytes {
+pub(crate) fn raw_bytes(raw: Box<RawValue>) -> Bytes {
     Bytes::from(Box::<str>::from(raw).into_boxed_bytes())
-}
-
-/// Routes one frame from the server.
-fn dispatch(shared: &Shared, frame: &[u8]) {
-    let message = match ServerMessage::decode(frame) {
-        Ok(m) => m,
-        Err(e) => {
-            // A bad invalidation is a protocol error for its topic's handles.
-            let raw: Option<serde_json::Value> = serde_json::from_slice(frame).ok();
-            let topic = raw
-                .as_ref()
-                .and_then(|v| v.get("topic")?.as_str())
-                .and_then(|t| Topic::new(t).ok());
-            tracing::warn!(error = %e, "undecodable message from the hub");
-            if let Some(topic) = topic {
-                let error = ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
-                    .with_topic(topic.clone())
-                    .with_raw_bytes(frame);
-                for sink in shared.sinks_of(&topic) {
-                    sink.protocol_error(error.clone());
-                }
-            }
-            return;
-        }
-    };
-    let id = match message {
-        ServerMessage::Invalidation {
-            topic,
-            revision,
-            source_id,
-            snapshot,
-        } => {
-            let mut event = InvalidationEvent::new(topic, revision);
-            event.source_id = source_id;
-            let snapshot = snapshot.map(|s| (s.revision, raw_bytes(s.data)));
-            shared.deliver(&event, snapshot);
-            return;
-        }
-        ServerMessage::Welcome { .. } => return,
-        ServerMessage::Error {
-            id: None,
-            code,
-            ref message,
-        } => {
-            if code == ErrorCode::ShuttingDown {
-                tracing::debug!(%message, "the hub is shutting down");
-            } else {
-                tracing::warn!(%code, %message, "hub error");
-            }
-            return;
-        }
-        ServerMessage::Error { id: Some(id), .. }
-        | ServerMessage::Subscribed { id, .. }
-        | ServerMessage::Snapshot { id, .. }
-        | ServerMessage::NotModified { id, .. }
-        | ServerMessage::Ok { id, .. }
-        | ServerMessage::Conflict { id, .. }
-        | ServerMessage::Pong { id } => id,
-    };
-    if let Some(reply) = lock(&shared.waiting).remove(&id) {
-        let _ = reply.send(message);
-    }
 }
 
 /// One topic of a [`Client`], typed: the [`Subscriber`] and [`Provider`] of
@@ -906,28 +766,29 @@ impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
     ) -> Result<Subscription, BoxError> {
         let shared = self.client.inner.shared.clone();
         let sink_id = shared.next_sink.fetch_add(1, Ordering::Relaxed);
-        let first = {
-            let mut topics = lock(&shared.topics);
-            let entry = topics.entry(topic.clone()).or_default();
-            entry.sinks.push((sink_id, sink));
-            entry.sinks.len() == 1
+        lock(&shared.topics)
+            .entry(topic.clone())
+            .or_default()
+            .sinks
+            .push((sink_id, sink));
+        // Removed again unless this subscribe succeeds, also if cancelled.
+        let mut pending = PendingSink {
+            shared: &shared,
+            topic,
+            sink_id,
+            kept: false,
         };
-        // The first handle of a topic subscribes it on the hub, and only
-        // succeeds once the hub confirmed: an unknown topic or an
-        // unreachable hub fails `start`, which the caller may retry.
-        if first {
-            let connected =
-                tokio::time::timeout(shared.options.request_timeout, self.client.wait_connected())
-                    .await;
-            let subscribed = match connected {
-                Ok(ConnectionStatus::Connected) => shared.subscribe_remote(topic).await,
-                _ => Err(ClientError::Disconnected),
-            };
-            if let Err(e) = subscribed {
-                remove_sink(&shared, topic, sink_id);
-                return Err(e.into());
-            }
+        // Succeeds only once the hub confirmed the subscription (this
+        // handle's, or the one another handle of the topic made): an unknown
+        // topic or an unreachable hub fails `start`, which may be retried.
+        let connected =
+            tokio::time::timeout(shared.options.request_timeout, self.client.wait_connected())
+                .await;
+        match connected {
+            Ok(ConnectionStatus::Connected) => shared.ensure_subscribed(topic).await?,
+            _ => return Err(ClientError::Disconnected.into()),
         }
+        pending.kept = true;
         let weak = Arc::downgrade(&shared);
         let topic = topic.clone();
         Ok(Subscription::new(move || {
@@ -935,6 +796,23 @@ impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
                 remove_sink(&shared, &topic, sink_id);
             }
         }))
+    }
+}
+
+/// A sink added by a subscribe still in progress.
+struct PendingSink<'a> {
+    shared: &'a Arc<Shared>,
+    topic: &'a Topic,
+    sink_id: u64,
+    /// Set once the subscribe succeeded: the subscription owns it then.
+    kept: bool,
+}
+
+impl Drop for PendingSink<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            remove_sink(self.shared, self.topic, self.sink_id);
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 mod access;
 mod client;
+mod connection;
 mod frames;
 mod platform;
 pub mod protocol;

@@ -1,0 +1,223 @@
+//! The client's reconnect state machine and subscriptions, against real
+//! servers and against scripted hubs on real Unix sockets.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use state_sync::testkit::{Recorder, WithinLimit};
+use state_sync::{RetryPolicy, SyncHandle};
+use state_sync_hub::Hub;
+use state_sync_net::{
+    AccessConfig, Client, ClientOptions, ConnectionStatus, Endpoint, ServerConfig,
+};
+use tokio::net::UnixListener;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+fn quick(name: &str, attempts: u32) -> ClientOptions {
+    ClientOptions::new(name).reconnect(
+        RetryPolicy::default()
+            .max_attempts(attempts)
+            .initial_delay(Duration::from_millis(20))
+            .max_delay(Duration::from_secs(5)),
+    )
+}
+
+#[tokio::test]
+async fn a_finite_reconnect_policy_gives_up_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = dir.path().join("no-hub.sock");
+    let client = Client::connect(Endpoint::Unix(nowhere), quick("c", 3));
+    let status = client.wait_connected().within_limit().await;
+    assert!(
+        matches!(&status, ConnectionStatus::GaveUp(why) if why.contains("3 reconnect attempts")),
+        "{status:?}"
+    );
+    assert_eq!(client.status(), status, "and stays so");
+}
+
+/// A scripted hub: answers `hello` with `welcome`, then runs `script` on
+/// each connection. Counts connections.
+fn scripted_hub<F, Fut>(path: &std::path::Path, script: F) -> Arc<AtomicUsize>
+where
+    F: Fn(usize, Framed<tokio::net::UnixStream, LengthDelimitedCodec>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = UnixListener::bind(path).unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let mut conn = Framed::new(stream, LengthDelimitedCodec::new());
+            let Some(Ok(_hello)) = conn.next().await else {
+                continue;
+            };
+            let welcome = json!({"type": "welcome", "version": 1, "serverId": "scripted"});
+            if conn
+                .send(bytes::Bytes::from(welcome.to_string()))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            tokio::spawn(script(n, conn));
+        }
+    });
+    connections
+}
+
+#[tokio::test]
+async fn a_hub_that_drops_every_connection_after_the_handshake_is_not_hammered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flaky.sock");
+    let connections = scripted_hub(&path, |_, conn| async move { drop(conn) });
+    let _client = Client::connect(Endpoint::Unix(path), quick("c", u32::MAX));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Backing off from 20 ms: about 20+40+80+160+320+640 ms, so 6 or 7
+    // connections. Resetting at every welcome would make one every 20 ms.
+    let made = connections.load(Ordering::SeqCst);
+    assert!(made <= 12, "{made} connections in 1.2 s");
+    assert!(made >= 2, "it does reconnect: {made}");
+}
+
+#[tokio::test]
+async fn handles_joining_a_failing_subscribe_fail_too_and_a_retry_subscribes() {
+    let hub = Hub::in_memory();
+    let config = ServerConfig {
+        create_topics: false,
+        ..ServerConfig::default()
+    };
+    let (server, path, _dir) = served(hub.clone(), config, AccessConfig::open()).await;
+    let client = Client::connect(Endpoint::Unix(path), quick("c", u32::MAX));
+    client.wait_connected().within_limit().await;
+    let handle = |client: &Client| {
+        let remote = client.topic::<Value>("late").unwrap();
+        let recorder = Recorder::with_data();
+        let handle = SyncHandle::builder(
+            remote.topic().clone(),
+            remote.clone(),
+            remote,
+            recorder.clone(),
+        )
+        .retry(RetryPolicy::none())
+        .build();
+        (handle, recorder)
+    };
+    let (a, _) = handle(&client);
+    let (b, b_seen) = handle(&client);
+    // The topic does not exist yet: both starts fail, neither claims Live.
+    let (first, second) = tokio::join!(a.start(), b.start());
+    assert!(first.is_err() && second.is_err(), "{first:?} {second:?}");
+
+    // Once it exists, a retried start subscribes for real.
+    let late = hub.json_topic("late").await.unwrap();
+    b.start().within_limit().await.unwrap();
+    let revision = late.replace(json!("hello")).await.unwrap();
+    b.wait_for_revision(revision).within_limit().await.unwrap();
+    assert_eq!(b_seen.last_data(), Some(json!("hello")));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_subscribe_lets_the_next_handle_subscribe() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scripted.sock");
+    let subscribes = Arc::new(AtomicUsize::new(0));
+    let seen = subscribes.clone();
+    scripted_hub(&path, move |_, mut conn| {
+        let seen = seen.clone();
+        async move {
+            while let Some(Ok(frame)) = conn.next().await {
+                let request: Value = serde_json::from_slice(&frame).unwrap();
+                let id = request["id"].clone();
+                let answer = match request["type"].as_str().unwrap() {
+                    // The first subscribe is never answered.
+                    "subscribe" if seen.fetch_add(1, Ordering::SeqCst) == 0 => continue,
+                    "subscribe" => {
+                        json!({"type": "subscribed", "id": id, "topic": "t", "revision": "1"})
+                    }
+                    "get" => {
+                        json!({"type": "snapshot", "id": id, "topic": "t", "revision": "1", "data": 7})
+                    }
+                    "ping" => json!({"type": "pong", "id": id}),
+                    _ => continue,
+                };
+                if conn
+                    .send(bytes::Bytes::from(answer.to_string()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    let client = Client::connect(Endpoint::Unix(path), quick("c", u32::MAX));
+    client.wait_connected().within_limit().await;
+    let remote = client.topic::<u64>("t").unwrap();
+    let start = |recorder: &Recorder<u64>| {
+        SyncHandle::builder(
+            remote.topic().clone(),
+            remote.clone(),
+            remote.clone(),
+            recorder.clone(),
+        )
+        .build()
+    };
+    let first = start(&Recorder::with_data());
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), first.start()).await;
+    assert!(cancelled.is_err(), "the unanswered subscribe hangs");
+    drop(first);
+
+    let recorder = Recorder::with_data();
+    let second = start(&recorder);
+    second.start().within_limit().await.unwrap();
+    assert_eq!(recorder.last_data(), Some(7));
+    assert_eq!(
+        subscribes.load(Ordering::SeqCst),
+        2,
+        "the second handle subscribed itself instead of trusting the cancelled one"
+    );
+}
+
+#[tokio::test]
+async fn a_hub_that_stops_reading_and_answering_is_noticed_while_a_write_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deaf.sock");
+    // Says welcome, then holds the connection without reading or writing.
+    let connections = scripted_hub(&path, |_, conn| async move {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        drop(conn);
+    });
+    let mut options = quick("c", u32::MAX);
+    options.ping_interval = Duration::from_millis(100);
+    options.request_timeout = Duration::from_secs(600);
+    let client = Client::connect(Endpoint::Unix(path), options);
+    client.wait_connected().within_limit().await;
+    // Enough to fill the socket buffers: the writer blocks in a send.
+    let big = format!("\"{}\"", "x".repeat(512 * 1024));
+    for _ in 0..16 {
+        let client = client.clone();
+        let big = big.clone();
+        tokio::spawn(async move { client.set_json("t", big, None).await });
+    }
+    // Noticed: the client gave the connection up and made a new one.
+    async {
+        while connections.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    .within_limit()
+    .await;
+}
