@@ -25,13 +25,13 @@
 //! whatever the umask: only the user running the hub can read the data.
 //! The directory is locked (`.lock`, holding the pid) while a process uses
 //! it, so a second hub on the same store fails with
-//! [`Error::Locked`](crate::Error::Locked) instead of overwriting records.
+//! [`Error::Locked`] instead of overwriting records.
 //!
 //! # Recovery
 //!
 //! A record whose header, length or checksum is wrong is renamed aside to
 //! `….corrupt-<unix ms>` (never overwritten or deleted) and reported as
-//! [`Error::Corrupt`](crate::Error::Corrupt), with the revision its header
+//! [`Error::Corrupt`], with the revision its header
 //! still names if it can be read; the next `load` returns the last good
 //! copy. The hub then continues *above* every revision that may have been
 //! issued and logs the loss as an error (`state_sync_hub::Hub::topic`).
