@@ -22,11 +22,26 @@
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `zstd` | yes | [`Compression::Zstd`] |
+//! | `fuzzing` | no | `fuzzing::decode`: the stored format's decoder, for `fuzz/` |
 #![doc(test(attr(deny(warnings))))]
 
 mod cache;
 mod error;
 mod format;
+
+/// The stored format, exposed for the fuzz targets (feature `fuzzing`).
+/// Not a stable API.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    /// Decodes stored bytes: the schema version and the JSON they hold.
+    ///
+    /// # Errors
+    ///
+    /// What is wrong with them.
+    pub fn decode(stored: &[u8]) -> Result<(u32, Vec<u8>), crate::CacheError> {
+        crate::format::decode(stored).map(|(header, json)| (header.schema, json))
+    }
+}
 
 pub use cache::{CacheBuilder, CacheEvent, CacheStats, CachingApplier, SnapshotCache};
 pub use error::CacheError;

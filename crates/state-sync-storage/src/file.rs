@@ -168,7 +168,7 @@ fn checksum(revision: Revision, data: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn encode(record: &Record) -> Vec<u8> {
+pub(crate) fn encode(record: &Record) -> Vec<u8> {
     let header = format!(
         "{MAGIC} {:08x} {} {}\n",
         checksum(record.revision, &record.data),
@@ -181,7 +181,7 @@ fn encode(record: &Record) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<Record, String> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Record, String> {
     let newline = bytes
         .iter()
         .position(|b| *b == b'\n')

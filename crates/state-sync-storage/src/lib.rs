@@ -44,12 +44,15 @@
 //! | feature | default | enables |
 //! |---|---|---|
 //! | `conformance` | no | the `conformance` module: the shared test suite for [`Storage`] backends |
+//! | `fuzzing` | no | the `fuzzing` module: the file record format's encoder and decoder, for `fuzz/` |
 #![doc(test(attr(deny(warnings))))]
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
 mod file;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod memory;
 mod platform;
 mod storage;
