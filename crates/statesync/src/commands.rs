@@ -103,6 +103,11 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
             );
         }
     };
+    let hub_topics_damaged: Vec<String> = hub
+        .damaged_topics()
+        .into_iter()
+        .map(|(topic, _)| topic.as_str().to_owned())
+        .collect();
     let server = Server::with_config(hub, ServerConfig::default(), access);
     let main_endpoint = args
         .socket
@@ -140,6 +145,8 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         "websocket": websocket,
         "local": local,
         "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+        // Quarantined, refusing access; the log says why.
+        "damaged": hub_topics_damaged,
     });
     say(ready);
     shutdown_signal().await;
@@ -251,6 +258,7 @@ fn exit_code(error: &ClientError) -> u8 {
             | ErrorCode::UnknownTopic
             | ErrorCode::InvalidRevision
             | ErrorCode::TooLarge
+            | ErrorCode::TooManyTopics
             | ErrorCode::InvalidData => exit::BAD_INPUT,
             _ => exit::FAILURE,
         },

@@ -32,7 +32,7 @@ Exit codes:
   1  the hub could not be reached, or another failure
   2  bad command-line usage
   3  conflict: `set --expect` found another revision
-  4  input refused: invalid JSON, topic or revision; data too large or not fitting the topic; unknown topic
+  4  input refused: invalid JSON, topic or revision; data too large or not fitting the topic; unknown topic; too many topics
   5  access denied: bad token, or topic forbidden to it";
 
 /// Keep state consistent across processes: a hub (the source of truth) and
