@@ -308,7 +308,9 @@ async fn serve(
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return e.to_string(),
                 Err(_) => {
-                    return format!("no write progress for {write_limit:?}: the hub is not reading");
+                    return format!(
+                        "no write progress for {write_limit:?}: the hub is not reading"
+                    );
                 }
             }
         }

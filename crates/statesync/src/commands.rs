@@ -16,7 +16,7 @@ use state_sync_storage::{Durability, FileStorage};
 
 use crate::output::{complain, say};
 use crate::platform::{self, shutdown_signal};
-use crate::{HubArgs, default_data_dir, exit};
+use crate::{HubArgs, TokenArgs, default_data_dir, exit};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -41,19 +41,8 @@ pub(crate) struct ServeArgs {
     /// write patterns).
     #[arg(long, env = "STATESYNC_ACCESS")]
     access: Option<PathBuf>,
-    /// A token with full access (in addition to `--access` entries). A
-    /// command line is visible to every local user in the process list:
-    /// prefer the `STATESYNC_TOKEN` environment variable or `--token-file`.
-    #[arg(long, env = "STATESYNC_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// A file whose first line is a token with full access.
-    #[arg(
-        long,
-        value_name = "FILE",
-        env = "STATESYNC_TOKEN_FILE",
-        conflicts_with = "token"
-    )]
-    token_file: Option<PathBuf>,
+    #[command(flatten)]
+    token: TokenArgs,
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
@@ -86,7 +75,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         },
         None => AccessConfig::open(),
     };
-    match read_token(args.token, args.token_file.as_ref()) {
+    match args.token.read() {
         Ok(Some(token)) => {
             access = access.with_client(ClientAccess::new(token).read("*").write("*"));
         }
@@ -199,21 +188,23 @@ pub(crate) fn endpoint(hub: &HubArgs) -> Endpoint {
     }
 }
 
-/// The token of `--token` (or `STATESYNC_TOKEN`), or the first line of
-/// `--token-file`.
-fn read_token(token: Option<String>, file: Option<&PathBuf>) -> Result<Option<String>, u8> {
-    let Some(file) = file else {
-        return Ok(token);
-    };
-    match std::fs::read_to_string(file) {
-        Ok(text) => match text.lines().next().map(str::trim) {
-            Some(token) if !token.is_empty() => Ok(Some(token.to_owned())),
-            _ => Err(fail(
-                exit::BAD_INPUT,
-                format!("{}: no token on its first line", file.display()),
-            )),
-        },
-        Err(e) => Err(fail(exit::BAD_INPUT, format!("{}: {e}", file.display()))),
+impl TokenArgs {
+    /// The token of `--token` (or `STATESYNC_TOKEN`), or the first line of
+    /// `--token-file`.
+    fn read(&self) -> Result<Option<String>, u8> {
+        let Some(file) = &self.token_file else {
+            return Ok(self.token.clone());
+        };
+        match std::fs::read_to_string(file) {
+            Ok(text) => match text.lines().next().map(str::trim) {
+                Some(token) if !token.is_empty() => Ok(Some(token.to_owned())),
+                _ => Err(fail(
+                    exit::BAD_INPUT,
+                    format!("{}: no token on its first line", file.display()),
+                )),
+            },
+            Err(e) => Err(fail(exit::BAD_INPUT, format!("{}: {e}", file.display()))),
+        }
     }
 }
 
@@ -225,7 +216,7 @@ pub(crate) fn options(hub: &HubArgs, client_id: &str) -> Result<ClientOptions, u
             .max_delay(Duration::from_secs(2))
             .jitter(true),
     );
-    if let Some(token) = read_token(hub.token.clone(), hub.token_file.as_ref())? {
+    if let Some(token) = hub.token.read()? {
         options = options.token(token);
     }
     Ok(options)

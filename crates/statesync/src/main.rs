@@ -97,6 +97,17 @@ pub(crate) struct HubArgs {
     /// The hub's named local socket (`serve --local NAME`).
     #[arg(long, value_name = "NAME")]
     local: Option<String>,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// The data directory whose socket to use.
+    #[arg(long, env = "STATESYNC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Where a token comes from; shared by `serve` (a token with full access,
+/// beside `--access` entries) and the commands that reach a hub.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TokenArgs {
     /// Access token. A command line is visible to every local user in the
     /// process list: prefer the `STATESYNC_TOKEN` environment variable or
     /// `--token-file`.
@@ -110,9 +121,6 @@ pub(crate) struct HubArgs {
         conflicts_with = "token"
     )]
     token_file: Option<PathBuf>,
-    /// The data directory whose socket to use.
-    #[arg(long, env = "STATESYNC_DATA_DIR")]
-    data_dir: Option<PathBuf>,
 }
 
 /// The default data directory: `state-sync` under the user's data

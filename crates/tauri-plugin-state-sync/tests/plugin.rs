@@ -203,22 +203,7 @@ fn bad_arguments_and_unknown_topics_are_errors_not_panics() {
 
 #[test]
 fn windows_are_limited_to_their_configured_topics() {
-    let mut context = context_granting(READ_WRITE);
-    context.config_mut().plugins.0.insert(
-        "state-sync".into(),
-        json!({"windows": {"prefs": ["settings"], "*": ["public:*"]}}),
-    );
-    let app = mock_builder()
-        .plugin(
-            Builder::new()
-                .in_memory()
-                .topic("settings", Settings::default)
-                .json_topic("public:news", json!([]))
-                .build(),
-        )
-        .invoke_handler(tauri_plugin_state_sync::app_commands![])
-        .build(context)
-        .unwrap();
+    let app = app_with_windows(json!({"prefs": ["settings"], "*": ["public:*"]}));
     let prefs = window(&app, "prefs");
     let other = window(&app, "other");
     assert!(invoke(&prefs, "get_snapshot", json!({"topic": "settings"})).is_ok());
@@ -385,11 +370,18 @@ fn app_commands_compose_with_the_apps_own_commands() {
 
 /// An app where `prefs` may read `settings` and every window `public:*`.
 fn limited_app() -> App<MockRuntime> {
+    app_with_windows(json!({"prefs": ["settings", "public:*"], "*": ["public:*"]}))
+}
+
+/// An app with topics `settings` and `public:news` and the plugin
+/// configuration's `windows` section.
+fn app_with_windows(windows: Value) -> App<MockRuntime> {
     let mut context = context_granting(READ_WRITE);
-    context.config_mut().plugins.0.insert(
-        "state-sync".into(),
-        json!({"windows": {"prefs": ["settings", "public:*"], "*": ["public:*"]}}),
-    );
+    context
+        .config_mut()
+        .plugins
+        .0
+        .insert("state-sync".into(), json!({ "windows": windows }));
     mock_builder()
         .plugin(
             Builder::new()
