@@ -4,12 +4,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, Weak};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use state_sync::{BoxError, InvalidationSink, Revision, Subscriber, Subscription, Topic};
-use state_sync_storage::{AnyStorage, MemoryStorage, Storage};
+use state_sync_storage::{AnyStorage, Change, MemoryStorage, Storage};
+use tokio::sync::broadcast;
 use tokio::sync::OnceCell;
 
 use crate::error::{Error, Result};
@@ -20,6 +22,7 @@ pub(crate) struct Options {
     pub(crate) queue_capacity: usize,
     pub(crate) max_batch: usize,
     pub(crate) max_topics: usize,
+    pub(crate) probe_interval: Duration,
 }
 
 impl Default for Options {
@@ -28,6 +31,7 @@ impl Default for Options {
             queue_capacity: 1024,
             max_batch: 256,
             max_topics: 10_000,
+            probe_interval: Duration::from_secs(30),
         }
     }
 }
@@ -153,9 +157,23 @@ impl HubBuilder {
         self
     }
 
+    /// On a shared storage, how often every open topic's revision is read
+    /// again, catching changes whose notification was lost (default: 30 s).
+    pub fn probe_interval(mut self, every: Duration) -> Self {
+        self.options.probe_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
     /// Builds the hub. Topics are loaded when first opened.
+    ///
+    /// On a shared storage ([`Storage::changes`]), the hub follows the other
+    /// hubs' commits: each change notification, each resync after a lost
+    /// notification connection, and each probe reads the moved topics once
+    /// and invalidates this hub's replicas. That task needs a Tokio
+    /// runtime; without one, this hub does not follow the others (logged).
     pub fn build(self) -> Hub {
-        Hub {
+        let changes = self.storage.changes();
+        let hub = Hub {
             inner: Arc::new(Inner {
                 storage: self.storage,
                 options: self.options,
@@ -163,7 +181,18 @@ impl HubBuilder {
                 damaged: RwLock::new(HashMap::new()),
                 closed: Arc::new(AtomicBool::new(false)),
             }),
+        };
+        if let Some(changes) = changes {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(follow_storage(Arc::downgrade(&hub.inner), changes));
+                }
+                Err(_) => tracing::error!(
+                    "a hub on a shared storage was built outside a Tokio runtime: it will not follow the other hubs"
+                ),
+            }
         }
+        hub
     }
 }
 
@@ -398,6 +427,18 @@ impl Hub {
         }
     }
 
+    /// Reads `topic` from the shared storage and takes it in if it moved.
+    async fn follow_topic(&self, topic: &Topic) {
+        let Some(raw) = self.open_topic(topic) else {
+            return;
+        };
+        match self.inner.storage.load(topic).await {
+            Ok(Some(record)) if record.revision > raw.json().revision => raw.follow(record).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%topic, error = %e, "cannot read a topic from the shared storage"),
+        }
+    }
+
     fn raw(&self, topic: &Topic) -> Result<Arc<dyn RawTopic>> {
         if let Some(raw) = self.open_topic(topic) {
             return Ok(raw);
@@ -448,6 +489,45 @@ impl Hub {
 
     fn topics_lock(&self) -> RwLockReadGuard<'_, HashMap<Topic, Slot>> {
         read_lock(&self.inner.topics)
+    }
+}
+
+/// Follows the commits other hubs make to a shared storage, until the hub
+/// is dropped or the storage's notifications end.
+async fn follow_storage(inner: Weak<Inner>, mut changes: broadcast::Receiver<Change>) {
+    let every = match inner.upgrade() {
+        Some(inner) => inner.options.probe_interval,
+        None => return,
+    };
+    let mut probe = tokio::time::interval(every);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe.tick().await;
+    loop {
+        let moved: Option<Topic> = tokio::select! {
+            change = changes.recv() => match change {
+                Ok(Change::Stored { topic, revision }) => {
+                    let Some(inner) = inner.upgrade() else { return };
+                    let hub = Hub { inner };
+                    match hub.open_topic(&topic) {
+                        Some(raw) if raw.json().revision < revision => Some(topic),
+                        _ => continue,
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+                // Resync, a lag, or something newer: re-read everything.
+                _ => None,
+            },
+            _ = probe.tick() => None,
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let hub = Hub { inner };
+        let topics = match moved {
+            Some(topic) => vec![topic],
+            None => hub.topics(),
+        };
+        for topic in topics {
+            hub.follow_topic(&topic).await;
+        }
     }
 }
 

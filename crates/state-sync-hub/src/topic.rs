@@ -16,7 +16,7 @@ use state_sync::{
     BoxError, FetchError, FetchRequest, Fetched, InvalidationSink, MemorySource, Provider,
     Revision, SnapshotEnvelope, Subscriber, Subscription, Topic,
 };
-use state_sync_storage::{AnyStorage, Record, Storage};
+use state_sync_storage::{AnyStorage, Record, Storage, Stored};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -100,7 +100,9 @@ pub struct JsonSnapshot {
     pub data: Bytes,
 }
 
-type UpdateFn<T> = Box<dyn FnOnce(&T) -> Result<T, BoxError> + Send>;
+/// An update closure. `FnMut`: on a shared storage it runs again when
+/// another hub committed first.
+type UpdateFn<T> = Box<dyn FnMut(&T) -> Result<T, BoxError> + Send>;
 
 enum Change<T> {
     Replace(T),
@@ -118,6 +120,8 @@ enum Op<T> {
     },
     /// Answered once every write queued before it is committed or failed.
     Barrier(oneshot::Sender<()>),
+    /// Another hub of a shared storage committed this record.
+    Followed(Record),
 }
 
 /// The shared part of a topic: its state (kept by a [`MemorySource`], which
@@ -138,7 +142,9 @@ impl<T: TopicValue> TopicCore<T> {
         default: impl FnOnce() -> T,
         closed: Arc<AtomicBool>,
     ) -> Result<Arc<Self>> {
-        let (revision, shared) = match load(&topic, &storage).await? {
+        let loaded = load(&topic, &storage).await?;
+        let stored = loaded.as_ref().map(|record| record.revision);
+        let (revision, shared) = match loaded {
             Some(record) => {
                 let value = serde_json::from_slice(&record.data)
                     .map_err(|e| Error::invalid_data(&topic, e))?;
@@ -158,6 +164,7 @@ impl<T: TopicValue> TopicCore<T> {
             storage,
             queue,
             options.max_batch,
+            stored,
         ));
         Ok(Arc::new(TopicCore {
             source,
@@ -262,78 +269,170 @@ fn encode<T: Serialize>(topic: &Topic, value: T) -> Result<Shared<T>> {
 /// Commits queued writes in order. With `max_batch > 1`, every write that
 /// queued up while the previous store was in flight is committed by one
 /// store (group commit); each writer is answered only once its write is
-/// stored.
+/// stored. `stored` is the revision the storage holds, as far as this hub
+/// knows.
 async fn run_writer<T: TopicValue>(
     source: MemorySource<Shared<T>>,
     storage: AnyStorage,
     mut queue: mpsc::Receiver<Op<T>>,
     max_batch: usize,
+    mut stored: Option<Revision>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
-        commit_batch(&source, &storage, &mut batch).await;
+        commit_batch(&source, &storage, &mut stored, &mut batch).await;
     }
+}
+
+/// How often a batch is re-applied after losing a compare-and-set race to
+/// another hub before its writes fail.
+const MAX_COMMIT_ATTEMPTS: usize = 32;
+
+/// Takes in a record another hub committed, if it is newer than ours.
+fn follow<T: TopicValue>(
+    source: &MemorySource<Shared<T>>,
+    stored: &mut Option<Revision>,
+    record: Record,
+) -> Result<()> {
+    let topic = source.topic();
+    *stored = (*stored).max(Some(record.revision));
+    if record.revision <= source.revision() {
+        return Ok(());
+    }
+    let value: T =
+        serde_json::from_slice(&record.data).map_err(|e| Error::invalid_data(topic, e))?;
+    let shared = Shared {
+        value: Arc::new(value),
+        json: record.data,
+    };
+    tracing::debug!(%topic, revision = %record.revision, "followed another hub's commit");
+    source
+        .publish_commits(shared, [(record.revision, None)])
+        .map_err(|e| Error::Storage {
+            topic: Some(topic.clone()),
+            source: Arc::new(state_sync_storage::Error::Io {
+                path: "<followed commit>".into(),
+                source: std::io::Error::other(e),
+            }),
+        })
+}
+
+struct Write<T> {
+    change: Change<T>,
+    source_id: Option<String>,
+    max_bytes: usize,
+    reply: oneshot::Sender<Result<Revision>>,
 }
 
 async fn commit_batch<T: TopicValue>(
     source: &MemorySource<Shared<T>>,
     storage: &AnyStorage,
+    stored: &mut Option<Revision>,
     batch: &mut Vec<Op<T>>,
 ) {
     let topic = source.topic().clone();
-    let SnapshotEnvelope {
-        mut revision,
-        data: mut state,
-    } = source.snapshot();
-    let mut answers = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
     let mut barriers = Vec::new();
-    let mut commits = Vec::new();
     for op in batch.drain(..) {
-        let (change, source_id, max_bytes, reply) = match op {
+        match op {
             Op::Write {
                 change,
                 source_id,
                 max_bytes,
                 reply,
-            } => (change, source_id, max_bytes, reply),
-            Op::Barrier(done) => {
-                barriers.push(done);
-                continue;
-            }
-        };
-        // The limit applies to what is stored and served: the encoding,
-        // which can be larger than the JSON the writer sent (`1e5`).
-        let next = apply_change(&topic, revision, &*state.value, change)
-            .and_then(|value| encode(&topic, value))
-            .and_then(|next| match next.json.len() {
-                bytes if bytes > max_bytes => Err(Error::TooLarge {
-                    topic: topic.clone(),
-                    bytes,
-                    limit: max_bytes,
-                }),
-                _ => Ok(next),
-            });
-        let answer = match next {
-            Ok(_) if revision == Revision::MAX => Err(Error::RevisionsExhausted {
-                topic: topic.clone(),
+            } => writes.push(Write {
+                change,
+                source_id,
+                max_bytes,
+                reply,
             }),
-            Ok(next) => {
-                revision = revision.next();
-                state = next;
-                commits.push((revision, source_id));
-                Ok(revision)
+            Op::Barrier(done) => barriers.push(done),
+            Op::Followed(record) => {
+                if let Err(e) = follow(source, stored, record) {
+                    tracing::warn!(%topic, error = %e, "cannot take in another hub's commit");
+                }
             }
-            Err(e) => Err(e),
-        };
-        answers.push((reply, answer));
+        }
     }
-    if !commits.is_empty() {
+    let answers = commit_writes(source, storage, stored, &mut writes).await;
+    for (write, answer) in writes.into_iter().zip(answers) {
+        let _ = write.reply.send(answer);
+    }
+    for done in barriers {
+        let _ = done.send(());
+    }
+}
+
+/// Applies `writes` on the current state and stores the result; after
+/// losing a compare-and-set race to another hub, takes in its record and
+/// applies them again. One answer per write.
+async fn commit_writes<T: TopicValue>(
+    source: &MemorySource<Shared<T>>,
+    storage: &AnyStorage,
+    stored: &mut Option<Revision>,
+    writes: &mut [Write<T>],
+) -> Vec<Result<Revision>> {
+    let topic = source.topic().clone();
+    for _attempt in 0..MAX_COMMIT_ATTEMPTS {
+        let SnapshotEnvelope {
+            revision: base,
+            data: mut state,
+        } = source.snapshot();
+        // Never below what the storage holds: revisions only go forward.
+        let mut revision = base.max(stored.unwrap_or(Revision::ZERO));
+        let mut answers = Vec::with_capacity(writes.len());
+        let mut commits = Vec::new();
+        for write in writes.iter_mut() {
+            // The limit applies to what is stored and served: the encoding,
+            // which can be larger than the JSON the writer sent (`1e5`).
+            let next = apply_change(&topic, revision, &*state.value, &mut write.change)
+                .and_then(|value| encode(&topic, value))
+                .and_then(|next| match next.json.len() {
+                    bytes if bytes > write.max_bytes => Err(Error::TooLarge {
+                        topic: topic.clone(),
+                        bytes,
+                        limit: write.max_bytes,
+                    }),
+                    _ => Ok(next),
+                });
+            answers.push(match next {
+                Ok(_) if revision == Revision::MAX => Err(Error::RevisionsExhausted {
+                    topic: topic.clone(),
+                }),
+                Ok(next) => {
+                    revision = revision.next();
+                    state = next;
+                    commits.push((revision, write.source_id.clone()));
+                    Ok(revision)
+                }
+                Err(e) => Err(e),
+            });
+        }
+        if commits.is_empty() {
+            return answers;
+        }
         let record = Record::new(revision, state.json.clone());
-        match storage.store(&topic, &record).await {
-            Ok(()) => {
+        match storage.store_if(&topic, *stored, &record).await {
+            Ok(Stored::Committed) => {
+                *stored = Some(revision);
                 // One invalidation per commit, each naming its own writer.
                 if let Err(e) = source.publish_commits(state, commits) {
                     tracing::error!(%topic, error = %e, "committed revision rejected by the source");
+                }
+                return answers;
+            }
+            Ok(Stored::Conflict(current)) => {
+                // Another hub committed first: take its record in, apply
+                // the writes again on top of it.
+                match current {
+                    Some(current) => {
+                        if let Err(e) = follow(source, stored, current) {
+                            return writes.iter().map(|_| Err(e.clone())).collect();
+                        }
+                    }
+                    // The storage lost the topic (an engine restarted
+                    // empty): write it again, above what we had.
+                    None => *stored = None,
                 }
             }
             Err(e) => {
@@ -342,34 +441,40 @@ async fn commit_batch<T: TopicValue>(
                     topic: Some(topic.clone()),
                     source: Arc::new(e),
                 };
-                for (_, answer) in &mut answers {
-                    if answer.is_ok() {
-                        *answer = Err(failure.clone());
-                    }
-                }
+                return answers
+                    .into_iter()
+                    .map(|answer| answer.and(Err(failure.clone())))
+                    .collect();
             }
         }
     }
-    for (reply, answer) in answers {
-        let _ = reply.send(answer);
-    }
-    for done in barriers {
-        let _ = done.send(());
-    }
+    tracing::warn!(%topic, "too much contention: writes not committed");
+    let failure = Error::Storage {
+        topic: Some(topic.clone()),
+        source: Arc::new(state_sync_storage::Error::Io {
+            path: "<shared storage>".into(),
+            source: std::io::Error::other(format!(
+                "lost {MAX_COMMIT_ATTEMPTS} compare-and-set races in a row to other hubs"
+            )),
+        }),
+    };
+    writes.iter().map(|_| Err(failure.clone())).collect()
 }
 
 fn apply_change<T: TopicValue>(
     topic: &Topic,
     current_revision: Revision,
     current: &T,
-    change: Change<T>,
+    change: &mut Change<T>,
 ) -> Result<T> {
     match change {
-        Change::Replace(value) => Ok(value),
-        Change::CompareAndSet { expected, value } if expected == current_revision => Ok(value),
+        Change::Replace(value) => Ok(value.clone()),
+        Change::CompareAndSet { expected, value } if *expected == current_revision => {
+            Ok(value.clone())
+        }
         Change::CompareAndSet { expected, .. } => Err(Error::Conflict {
             topic: topic.clone(),
-            expected,
+            expected: *expected,
             current: current_revision,
         }),
         Change::Update(f) => {
@@ -405,6 +510,8 @@ pub(crate) trait RawTopic: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Revision>>;
     fn subscribe(&self, sink: InvalidationSink) -> BoxFuture<'_, Result<Subscription, BoxError>>;
     fn barrier(&self) -> BoxFuture<'_, ()>;
+    /// Takes in a record another hub of a shared storage committed.
+    fn follow(&self, record: Record) -> BoxFuture<'_, ()>;
     fn type_name(&self) -> &'static str;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
@@ -447,6 +554,13 @@ impl<T: TopicValue> RawTopic for TopicCore<T> {
             if self.writes.send(Op::Barrier(done)).await.is_ok() {
                 let _ = wait.await;
             }
+        })
+    }
+
+    fn follow(&self, record: Record) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // In the writer's queue: ordered with this hub's own commits.
+            let _ = self.writes.send(Op::Followed(record)).await;
         })
     }
 
@@ -549,13 +663,15 @@ impl<T: TopicValue> HubTopic<T> {
     /// Computes the new value from the current one, atomically with respect
     /// to every other writer of this topic; returns the new revision.
     ///
-    /// The closure runs on the topic's writer task: keep it short.
+    /// The closure runs on the topic's writer task: keep it short. On a
+    /// shared storage it runs again when another hub committed first (an
+    /// optimistic transaction), so keep it free of side effects.
     ///
     /// # Errors
     ///
     /// [`Error::Update`] if it panics; otherwise as for
     /// [`replace`](Self::replace).
-    pub async fn update(&self, f: impl FnOnce(&T) -> T + Send + 'static) -> Result<Revision> {
+    pub async fn update(&self, mut f: impl FnMut(&T) -> T + Send + 'static) -> Result<Revision> {
         self.try_update(move |current| Ok::<_, BoxError>(f(current)))
             .await
     }
@@ -568,7 +684,7 @@ impl<T: TopicValue> HubTopic<T> {
     /// As for [`update`](Self::update).
     pub async fn try_update<E: Into<BoxError>>(
         &self,
-        f: impl FnOnce(&T) -> Result<T, E> + Send + 'static,
+        mut f: impl FnMut(&T) -> Result<T, E> + Send + 'static,
     ) -> Result<Revision> {
         let f = Box::new(move |current: &T| f(current).map_err(Into::into));
         self.write(Change::Update(f)).await

@@ -60,4 +60,4 @@ mod storage;
 pub use error::{Error, Result};
 pub use file::{Durability, FileStorage};
 pub use memory::MemoryStorage;
-pub use storage::{AnyStorage, Record, Storage};
+pub use storage::{AnyStorage, Change, Record, Storage, Stored};

@@ -30,12 +30,48 @@ impl Record {
     }
 }
 
+/// The outcome of [`Storage::store_if`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// The record is stored.
+    Committed,
+    /// Another writer got there first: nothing was stored, and this is the
+    /// record that is stored now (`None`: none is).
+    Conflict(Option<Record>),
+}
+
+/// What another writer of a shared storage did, from [`Storage::changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// `topic` is now at `revision` (or later).
+    Stored {
+        /// The topic.
+        topic: Topic,
+        /// Its revision.
+        revision: Revision,
+    },
+    /// Notifications may have been lost (the notification connection was
+    /// down, or the receiver fell behind): re-read every topic of interest.
+    Resync,
+}
+
 /// Where committed records live.
 ///
 /// Backends must pass the conformance suite (the `conformance` module,
 /// behind the feature of that name): a stored record is returned by `load`
 /// (also after reopening, for durable backends), the latest `store` wins,
 /// and topics are independent.
+///
+/// # Exclusive and shared storage
+///
+/// A storage is either *exclusive* to one hub (memory, files: the hub is
+/// the only writer, so [`store_if`](Self::store_if) and `store` are the
+/// same, and [`changes`](Self::changes) is `None`), or *shared* by several
+/// hubs (a database). A shared storage makes [`store_if`](Self::store_if) an
+/// atomic compare-and-set in the engine and reports other writers' commits
+/// through [`changes`](Self::changes); the hub then follows them, so several
+/// hubs on one storage behave as one.
 pub trait Storage: Send + Sync + 'static {
     /// The record of `topic`, if one was stored.
     ///
@@ -68,6 +104,29 @@ pub trait Storage: Send + Sync + 'static {
     ///
     /// I/O failures.
     fn topics(&self) -> impl Future<Output = Result<Vec<Topic>>> + Send;
+
+    /// Stores `record` only if the stored revision is still `expected`
+    /// (`None`: nothing is stored), atomically with respect to every other
+    /// writer. The default, for exclusive storage, just stores.
+    ///
+    /// # Errors
+    ///
+    /// As for [`store`](Self::store).
+    fn store_if(
+        &self,
+        topic: &Topic,
+        expected: Option<Revision>,
+        record: &Record,
+    ) -> impl Future<Output = Result<Stored>> + Send {
+        let _ = expected;
+        async move { self.store(topic, record).await.map(|()| Stored::Committed) }
+    }
+
+    /// Other writers' commits, for a shared storage; `None` (the default)
+    /// for exclusive storage. Each call is a new receiver.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -116,6 +175,19 @@ impl Storage for AnyStorage {
     async fn topics(&self) -> Result<Vec<Topic>> {
         self.0.topics().await
     }
+
+    async fn store_if(
+        &self,
+        topic: &Topic,
+        expected: Option<Revision>,
+        record: &Record,
+    ) -> Result<Stored> {
+        self.0.store_if(topic, expected, record).await
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        self.0.changes()
+    }
 }
 
 /// The object-safe form of [`Storage`] behind [`AnyStorage`].
@@ -124,6 +196,13 @@ trait ErasedStorage: Send + Sync + 'static {
     fn store<'a>(&'a self, topic: &'a Topic, record: &'a Record) -> BoxFuture<'a, Result<()>>;
     fn remove<'a>(&'a self, topic: &'a Topic) -> BoxFuture<'a, Result<()>>;
     fn topics(&self) -> BoxFuture<'_, Result<Vec<Topic>>>;
+    fn store_if<'a>(
+        &'a self,
+        topic: &'a Topic,
+        expected: Option<Revision>,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<Stored>>;
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>>;
 }
 
 impl<S: Storage> ErasedStorage for S {
@@ -141,5 +220,18 @@ impl<S: Storage> ErasedStorage for S {
 
     fn topics(&self) -> BoxFuture<'_, Result<Vec<Topic>>> {
         Box::pin(Storage::topics(self))
+    }
+
+    fn store_if<'a>(
+        &'a self,
+        topic: &'a Topic,
+        expected: Option<Revision>,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<Stored>> {
+        Box::pin(Storage::store_if(self, topic, expected, record))
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        Storage::changes(self)
     }
 }
