@@ -11,8 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use state_sync::{BoxError, InvalidationSink, Revision, Subscriber, Subscription, Topic};
 use state_sync_storage::{AnyStorage, Change, MemoryStorage, Storage};
-use tokio::sync::broadcast;
 use tokio::sync::OnceCell;
+use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
 use crate::topic::{HubTopic, JsonSnapshot, RawTopic, TopicCore, TopicValue};
@@ -23,6 +23,8 @@ pub(crate) struct Options {
     pub(crate) max_batch: usize,
     pub(crate) max_topics: usize,
     pub(crate) probe_interval: Duration,
+    /// Whether other hubs write the storage too.
+    pub(crate) shared: bool,
 }
 
 impl Default for Options {
@@ -32,6 +34,7 @@ impl Default for Options {
             max_batch: 256,
             max_topics: 10_000,
             probe_interval: Duration::from_secs(30),
+            shared: false,
         }
     }
 }
@@ -171,8 +174,9 @@ impl HubBuilder {
     /// notification connection, and each probe reads the moved topics once
     /// and invalidates this hub's replicas. That task needs a Tokio
     /// runtime; without one, this hub does not follow the others (logged).
-    pub fn build(self) -> Hub {
+    pub fn build(mut self) -> Hub {
         let changes = self.storage.changes();
+        self.options.shared = changes.is_some();
         let hub = Hub {
             inner: Arc::new(Inner {
                 storage: self.storage,
@@ -435,7 +439,9 @@ impl Hub {
         match self.inner.storage.load(topic).await {
             Ok(Some(record)) if record.revision > raw.json().revision => raw.follow(record).await,
             Ok(_) => {}
-            Err(e) => tracing::warn!(%topic, error = %e, "cannot read a topic from the shared storage"),
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "cannot read a topic from the shared storage")
+            }
         }
     }
 

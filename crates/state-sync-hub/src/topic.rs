@@ -144,18 +144,38 @@ impl<T: TopicValue> TopicCore<T> {
     ) -> Result<Arc<Self>> {
         let loaded = load(&topic, &storage).await?;
         let stored = loaded.as_ref().map(|record| record.revision);
-        let (revision, shared) = match loaded {
-            Some(record) => {
-                let value = serde_json::from_slice(&record.data)
-                    .map_err(|e| Error::invalid_data(&topic, e))?;
-                let shared = Shared {
-                    value: Arc::new(value),
-                    json: record.data,
-                };
-                (record.revision, shared)
-            }
-            None => (crate::hub::revision_floor(), encode(&topic, default())?),
-        };
+        let (revision, shared, stored) =
+            match loaded {
+                Some(record) => {
+                    let (revision, shared) = decoded(&topic, record)?;
+                    (revision, shared, stored)
+                }
+                None if options.shared => {
+                    // Every hub of a shared storage must start from one record:
+                    // store the default, or take the one another hub stored first.
+                    let initial = encode(&topic, default())?;
+                    let record = Record::new(crate::hub::revision_floor(), initial.json.clone());
+                    let outcome = storage.store_if(&topic, None, &record).await.map_err(|e| {
+                        Error::Storage {
+                            topic: Some(topic.clone()),
+                            source: Arc::new(e),
+                        }
+                    })?;
+                    match outcome {
+                        Stored::Conflict(Some(current)) => {
+                            let at = Some(current.revision);
+                            let (revision, shared) = decoded(&topic, current)?;
+                            (revision, shared, at)
+                        }
+                        _ => (record.revision, initial, Some(record.revision)),
+                    }
+                }
+                None => (
+                    crate::hub::revision_floor(),
+                    encode(&topic, default())?,
+                    None,
+                ),
+            };
         tracing::debug!(%topic, %revision, "topic opened");
         let source = MemorySource::starting_at(topic, revision, shared);
         let (writes, queue) = mpsc::channel(options.queue_capacity);
@@ -255,6 +275,16 @@ async fn load(topic: &Topic, storage: &AnyStorage) -> Result<Option<Record>> {
     Ok(record)
 }
 
+/// A stored record as a topic's state.
+fn decoded<T: TopicValue>(topic: &Topic, record: Record) -> Result<(Revision, Shared<T>)> {
+    let value = serde_json::from_slice(&record.data).map_err(|e| Error::invalid_data(topic, e))?;
+    let shared = Shared {
+        value: Arc::new(value),
+        json: record.data,
+    };
+    Ok((record.revision, shared))
+}
+
 fn encode<T: Serialize>(topic: &Topic, value: T) -> Result<Shared<T>> {
     let json = serde_json::to_vec(&value).map_err(|e| Error::Encode {
         topic: topic.clone(),
@@ -286,7 +316,19 @@ async fn run_writer<T: TopicValue>(
 
 /// How often a batch is re-applied after losing a compare-and-set race to
 /// another hub before its writes fail.
-const MAX_COMMIT_ATTEMPTS: usize = 32;
+const MAX_COMMIT_ATTEMPTS: u32 = 100;
+
+/// The wait before re-applying a batch that lost a race: jittered and
+/// growing, so a hub that keeps losing to a faster one is not starved (1 ms
+/// doubling to 50 ms; 100 attempts take a few seconds at most).
+fn contention_backoff() -> state_sync::Backoff {
+    state_sync::RetryPolicy::default()
+        .max_attempts(MAX_COMMIT_ATTEMPTS)
+        .initial_delay(std::time::Duration::from_millis(1))
+        .max_delay(std::time::Duration::from_millis(50))
+        .jitter(true)
+        .backoff()
+}
 
 /// Takes in a record another hub committed, if it is newer than ours.
 fn follow<T: TopicValue>(
@@ -373,7 +415,8 @@ async fn commit_writes<T: TopicValue>(
     writes: &mut [Write<T>],
 ) -> Vec<Result<Revision>> {
     let topic = source.topic().clone();
-    for _attempt in 0..MAX_COMMIT_ATTEMPTS {
+    let mut backoff = contention_backoff();
+    loop {
         let SnapshotEnvelope {
             revision: base,
             data: mut state,
@@ -434,6 +477,10 @@ async fn commit_writes<T: TopicValue>(
                     // empty): write it again, above what we had.
                     None => *stored = None,
                 }
+                let Some(delay) = backoff.next_delay() else {
+                    break;
+                };
+                tokio::time::sleep(delay).await;
             }
             Err(e) => {
                 tracing::warn!(%topic, %revision, error = %e, "store failed; writes not committed");

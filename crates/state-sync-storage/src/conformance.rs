@@ -233,3 +233,180 @@ impl Storage for FaultyStorage {
         self.inner.topics().await
     }
 }
+
+/// Runs the checks every *shared* storage must pass on top of [`run`]:
+/// `store_if` is a compare-and-set, and a commit made through one handle is
+/// announced on another handle's [`changes`](Storage::changes). `open` must
+/// return handles on the same store (as separate hubs would hold them); the
+/// store must start empty.
+///
+/// # Panics
+///
+/// When the backend breaks the contract.
+pub async fn run_shared<S: Storage>(open: impl Fn() -> S) {
+    use crate::storage::{Change, Stored};
+    let writer = open();
+    let watcher = open();
+    let mut changes = watcher.changes().expect("a shared storage reports changes");
+    let topic = Topic::new("conformance:shared").expect("valid topic");
+    let first = Record::new(Revision::new(10), &b"1"[..]);
+    let second = Record::new(Revision::new(11), &b"2"[..]);
+
+    assert_eq!(
+        writer
+            .store_if(&topic, None, &first)
+            .await
+            .expect("store_if"),
+        Stored::Committed,
+        "expecting nothing on an empty topic commits"
+    );
+    assert_eq!(
+        writer
+            .store_if(&topic, None, &second)
+            .await
+            .expect("store_if"),
+        Stored::Conflict(Some(first.clone())),
+        "expecting nothing on a stored topic conflicts, with the current record"
+    );
+    assert_eq!(
+        writer
+            .store_if(&topic, Some(Revision::new(9)), &second)
+            .await
+            .expect("store_if"),
+        Stored::Conflict(Some(first.clone())),
+        "a stale expectation conflicts"
+    );
+    assert_eq!(
+        watcher
+            .store_if(&topic, Some(first.revision), &second)
+            .await
+            .expect("store_if"),
+        Stored::Committed,
+        "the current expectation commits, from any handle"
+    );
+    assert_eq!(
+        writer.load(&topic).await.expect("load"),
+        Some(second.clone()),
+        "every handle sees the commit"
+    );
+    let other = Topic::new("conformance:elsewhere").expect("valid topic");
+    assert_eq!(
+        writer
+            .store_if(&other, Some(Revision::new(1)), &first)
+            .await
+            .expect("store_if"),
+        Stored::Conflict(None),
+        "expecting a record that is not there conflicts with none"
+    );
+
+    // Both commits are announced (possibly with a resync in between).
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.contains(&second.revision) {
+        let change = tokio::time::timeout_at(deadline, changes.recv())
+            .await
+            .expect("the commits are announced within 10 s")
+            .expect("the change feed is open");
+        match change {
+            Change::Stored { topic: t, revision } if t == topic => seen.push(revision),
+            _ => {}
+        }
+    }
+    writer.remove(&topic).await.expect("remove");
+}
+
+/// A shared storage in memory: [`MemoryStorage`](crate::MemoryStorage)'s
+/// records with a compare-and-set `store_if` and a change feed, shared by
+/// every clone. Stands in for a database shared by several hubs in tests.
+#[derive(Debug, Clone)]
+pub struct SharedMemory {
+    records: crate::MemoryStorage,
+    lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    changes: tokio::sync::broadcast::Sender<crate::storage::Change>,
+    muted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for SharedMemory {
+    fn default() -> Self {
+        SharedMemory {
+            records: crate::MemoryStorage::new(),
+            lock: std::sync::Arc::default(),
+            changes: tokio::sync::broadcast::channel(1024).0,
+            muted: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl SharedMemory {
+    /// Empty.
+    #[must_use]
+    pub fn new() -> Self {
+        SharedMemory::default()
+    }
+
+    /// Stops (`true`) or resumes announcing commits, as a notification
+    /// connection that is down would.
+    pub fn mute(&self, muted: bool) {
+        self.muted.store(muted, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn announce(&self, topic: &Topic, revision: Revision) {
+        if !self.muted.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.changes.send(crate::storage::Change::Stored {
+                topic: topic.clone(),
+                revision,
+            });
+        }
+    }
+
+    /// Forgets every record, as an engine restarted without persistence
+    /// would, and tells the followers to resync.
+    pub async fn lose_everything(&self) {
+        let _turn = self.lock.lock().await;
+        for topic in self.records.topics().await.unwrap_or_default() {
+            let _ = self.records.remove(&topic).await;
+        }
+        let _ = self.changes.send(crate::storage::Change::Resync);
+    }
+}
+
+impl Storage for SharedMemory {
+    async fn load(&self, topic: &Topic) -> crate::Result<Option<Record>> {
+        self.records.load(topic).await
+    }
+
+    async fn store(&self, topic: &Topic, record: &Record) -> crate::Result<()> {
+        let _turn = self.lock.lock().await;
+        self.records.store(topic, record).await?;
+        self.announce(topic, record.revision);
+        Ok(())
+    }
+
+    async fn remove(&self, topic: &Topic) -> crate::Result<()> {
+        self.records.remove(topic).await
+    }
+
+    async fn topics(&self) -> crate::Result<Vec<Topic>> {
+        self.records.topics().await
+    }
+
+    async fn store_if(
+        &self,
+        topic: &Topic,
+        expected: Option<Revision>,
+        record: &Record,
+    ) -> crate::Result<crate::storage::Stored> {
+        let _turn = self.lock.lock().await;
+        let current = self.records.load(topic).await?;
+        if current.as_ref().map(|r| r.revision) != expected {
+            return Ok(crate::storage::Stored::Conflict(current));
+        }
+        self.records.store(topic, record).await?;
+        self.announce(topic, record.revision);
+        Ok(crate::storage::Stored::Committed)
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<crate::storage::Change>> {
+        Some(self.changes.subscribe())
+    }
+}

@@ -162,3 +162,10 @@ async fn a_leftover_temp_file_is_ignored() {
     );
     assert_eq!(storage.topics().await.unwrap(), [topic]);
 }
+
+#[tokio::test]
+async fn the_shared_memory_storage_conforms_as_a_shared_storage() {
+    let shared = state_sync_storage::conformance::SharedMemory::new();
+    conformance::run(|| shared.clone()).await;
+    conformance::run_shared(|| shared.clone()).await;
+}
