@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, unless it is already there: the system
-# libraries of Tauri's Linux backend (WebKitGTK) and Node.js (JavaScript
-# tests). One `apt-get update`, then one `apt-get install`. Needs root for
+# libraries of Tauri's Linux backend (WebKitGTK), Node.js (JavaScript
+# tests) and Redis (shared-storage tests). One `apt-get update`, then one `apt-get install`. Needs root for
 # apt-get.
 set -euo pipefail
 
@@ -11,6 +11,10 @@ if ! pkg-config --exists webkit2gtk-4.1 javascriptcoregtk-4.1 libsoup-3.0 gtk+-3
 fi
 if ! command -v node >/dev/null 2>&1; then
   missing+=(nodejs)
+fi
+# The shared-storage tests start a real Redis.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  missing+=(redis-server redis-tools)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

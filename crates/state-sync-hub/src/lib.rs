@@ -17,10 +17,23 @@
 //! [`FileStorage`](state_sync_storage::FileStorage) is the embedded default
 //! of the command-line hub. How revisions stay monotonic across restarts,
 //! with or without stored state, is described on [`Hub`].
+//!
+//! Several hubs on one *shared* storage (Redis, PostgreSQL: the
+//! `state-sync-redis` and `state-sync-postgres` crates) behave as one
+//! source of truth: commits are compare-and-sets in the storage, and each
+//! hub follows the others' commits; see [`HubBuilder::build`].
+//!
+//! # Feature flags
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `testkit` | no | the `testkit` module: scenarios every shared storage must pass with several hubs on it |
 #![doc(test(attr(deny(warnings))))]
 
 mod error;
 mod hub;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod topic;
 
 pub use error::{Error, Result};

@@ -55,6 +55,16 @@ pub enum Error {
         /// The process holding it, when it said.
         holder: Option<u32>,
     },
+    /// A database backend (Redis, PostgreSQL) failed or is unreachable.
+    /// Retryable: the backend reconnects by itself.
+    #[error("{backend} failed")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// Its client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// A background task running blocking file work failed.
     #[error("storage task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -64,6 +74,9 @@ impl Error {
     /// Whether trying again may succeed.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Io { .. } | Error::Task(_))
+        matches!(
+            self,
+            Error::Io { .. } | Error::Task(_) | Error::Backend { .. }
+        )
     }
 }

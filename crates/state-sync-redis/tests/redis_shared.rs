@@ -1,0 +1,152 @@
+//! RedisStorage on a real `redis-server`, started by the test on a free
+//! loopback port (no persistence, data in a temp dir) and stopped by PID:
+//! the storage conformance suites and the several-hubs scenarios.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use state_sync_hub::testkit;
+use state_sync_redis::RedisStorage;
+use state_sync_storage::conformance;
+
+/// A `redis-server` child; killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Self::spawn(port, dir.path());
+        RedisServer { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server must be installed (scripts/install-deps.sh installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it and starts a new one on the same port: without
+    /// persistence, every record is gone.
+    fn restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(self.port, self.dir.path());
+    }
+
+    /// Runs a command through `redis-cli`.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn storages(server: &RedisServer, prefix: &str, count: usize) -> Vec<RedisStorage> {
+    let mut storages = Vec::new();
+    for _ in 0..count {
+        storages.push(
+            RedisStorage::connect_with_prefix(&server.url(), prefix)
+                .await
+                .unwrap(),
+        );
+    }
+    storages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_storage_conforms_as_a_shared_storage() {
+    let server = RedisServer::start();
+    let storage = storages(&server, "conformance", 1).await.remove(0);
+    conformance::run(|| storage.clone()).await;
+    let second = storages(&server, "conformance", 1).await.remove(0);
+    let handles = [storage, second];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    conformance::run_shared(|| {
+        handles[next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2].clone()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_writers_on_three_hubs_increment_exactly_on_redis() {
+    let server = RedisServer::start();
+    let storages = storages(&server, "increments", 3).await;
+    testkit::increments_across_hubs(storages, 8, 500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_from_two_hubs_has_one_winner_on_redis() {
+    let server = RedisServer::start();
+    let mut storages = storages(&server, "cas", 2).await;
+    let b = storages.pop().unwrap();
+    testkit::one_compare_and_set_winner(storages.pop().unwrap(), b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_catch_up_after_the_notification_connection_is_killed() {
+    let server = RedisServer::start();
+    let mut storages = storages(&server, "notify", 2).await;
+    let b = storages.pop().unwrap();
+    let a = storages.pop().unwrap();
+    let server = &server;
+    testkit::catches_up_after_lost_notifications(a, b, || async move {
+        let killed = server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert!(killed.trim().parse::<u32>().unwrap() >= 1, "{killed}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_never_go_backwards_when_redis_restarts_without_persistence() {
+    let mut server = RedisServer::start();
+    let mut storages = storages(&server, "loss", 2).await;
+    let b = storages.pop().unwrap();
+    let a = storages.pop().unwrap();
+    let server = std::sync::Mutex::new(&mut server);
+    testkit::never_backwards_after_data_loss(a, b, || async {
+        server.lock().unwrap().restart();
+    })
+    .await;
+}
