@@ -338,6 +338,42 @@ impl Hub {
         Ok(opened)
     }
 
+    /// Whether other hubs share this hub's storage (see
+    /// [`HubBuilder::build`]).
+    #[must_use]
+    pub fn shares_storage(&self) -> bool {
+        self.inner.options.shared
+    }
+
+    /// Opens `topic` as raw JSON if it has a stored record (another hub of
+    /// a shared storage may have created it); whether it is open now.
+    ///
+    /// # Errors
+    ///
+    /// As for [`topic`](Self::topic).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a cancelled open leaves the topic unopened.
+    pub async fn open_if_stored(&self, topic: &Topic) -> Result<bool> {
+        if self.is_open(topic) {
+            return Ok(true);
+        }
+        let stored = self
+            .inner
+            .storage
+            .load(topic)
+            .await
+            .map_err(|e| Error::Storage {
+                topic: Some(topic.clone()),
+                source: Arc::new(e),
+            })?;
+        if stored.is_none() {
+            return Ok(false);
+        }
+        self.json_topic(topic.as_str()).await.map(|_| true)
+    }
+
     /// The topics whose stored record is damaged, with what is wrong.
     /// They stay quarantined until an operator restores or removes their
     /// files (see [`FileStorage`](state_sync_storage::FileStorage)).
@@ -516,6 +552,8 @@ async fn follow_storage(inner: Weak<Inner>, mut changes: broadcast::Receiver<Cha
                     let hub = Hub { inner };
                     match hub.open_topic(&topic) {
                         Some(raw) if raw.json().revision < revision => Some(topic),
+                        // Not open here: nothing to follow. (Opened on
+                        // demand, with the type its user asks for.)
                         _ => continue,
                     }
                 }

@@ -1091,6 +1091,14 @@ impl Session {
     }
 
     async fn handle(&mut self, message: ClientMessage) -> Handled {
+        // On a shared storage another hub may have created the topic.
+        if let ClientMessage::Get { topic, .. } | ClientMessage::Subscribe { topic, .. } = &message
+            && self.shared.hub.shares_storage()
+            && let Ok(topic) = Topic::new(topic)
+            && !self.shared.hub.is_open(&topic)
+        {
+            let _ = self.shared.hub.open_if_stored(&topic).await;
+        }
         let now = |answer: Answer| Handled::now(answer.unwrap_or_else(|e| e));
         match message {
             ClientMessage::Hello { .. } => now(Err(protocol::error(

@@ -35,7 +35,16 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `testkit` | no | `testkit::RedisServer`: a real `redis-server` for tests |
 #![doc(test(attr(deny(warnings))))]
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::fmt;
 use std::sync::Arc;

@@ -12,7 +12,8 @@ use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
     ErrorCode, Server, ServerConfig,
 };
-use state_sync_storage::{Durability, FileStorage};
+use state_sync_redis::RedisStorage;
+use state_sync_storage::{AnyStorage, Durability, FileStorage};
 
 use crate::output::{complain, say};
 use crate::platform::{self, shutdown_signal};
@@ -43,6 +44,17 @@ pub(crate) struct ServeArgs {
     access: Option<PathBuf>,
     #[command(flatten)]
     token: TokenArgs,
+    /// Keep the topics in Redis, shared with every other hub on it, instead
+    /// of the data directory's file store: `redis://HOST:PORT[/DB]`. With a
+    /// password, give the URL through `STATESYNC_REDIS_URL`, so it stays out
+    /// of the process list.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STATESYNC_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: Option<String>,
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
@@ -60,10 +72,25 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
     } else {
         Durability::Fsync
     };
-    // Creates the data directory too, `0700` on Unix (the socket lives there).
-    let storage = match FileStorage::open(data_dir.join("store")) {
-        Ok(s) => s.durability(durability),
-        Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
+    let storage = match &args.redis {
+        Some(url) => {
+            if let Err(e) = platform::create_private_dir(&data_dir) {
+                return fail(
+                    exit::FAILURE,
+                    format!("cannot create {}: {e}", data_dir.display()),
+                );
+            }
+            match RedisStorage::connect(url).await {
+                Ok(redis) => AnyStorage::new(redis),
+                Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
+            }
+        }
+        // Creates the data directory too, `0700` on Unix (the socket lives
+        // there).
+        None => match FileStorage::open(data_dir.join("store")) {
+            Ok(s) => AnyStorage::new(s.durability(durability)),
+            Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
+        },
     };
     let mut access = match &args.access {
         Some(path) => match std::fs::read_to_string(path)

@@ -28,6 +28,16 @@ fn pipe_name(data_dir: &Path) -> String {
     format!("state-sync-{:08x}", crc32fast::hash(path.as_bytes()))
 }
 
+/// Creates the data directory and its missing parents, `0700` on Unix
+/// (the hub's socket lives there), when no file store creates it.
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// Listens on a Unix socket or a named local socket.
 ///
 /// # Errors

@@ -1,0 +1,96 @@
+//! A real `redis-server` for tests (feature `testkit`): started on a free
+//! loopback port with no persistence and its data in a temp dir, stopped by
+//! PID on drop. Needs `redis-server` and `redis-cli` on the `PATH`.
+#![allow(clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A `redis-server` child; killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("redis test server")
+        .local_addr()
+        .expect("redis test server")
+        .port()
+}
+
+impl RedisServer {
+    /// Starts one.
+    ///
+    /// # Panics
+    ///
+    /// When `redis-server` is missing or does not start within 10 s.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("redis test server");
+        let port = free_port();
+        let child = Self::spawn(port, dir.path());
+        RedisServer { child, port, dir }
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server must be installed (scripts/install-deps.sh installs it)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Its URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it and starts a new one on the same port: without
+    /// persistence, every record is gone.
+    ///
+    /// # Panics
+    ///
+    /// When it does not come back.
+    pub fn restart(&mut self) {
+        self.child.kill().expect("redis test server");
+        self.child.wait().expect("redis test server");
+        self.child = Self::spawn(self.port, self.dir.path());
+    }
+
+    /// Runs a command through `redis-cli`; returns what it printed.
+    ///
+    /// # Panics
+    ///
+    /// When `redis-cli` is missing.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis test server");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,96 @@
+//! Three `statesync serve --redis` processes on one real `redis-server`,
+//! `statesync watch` replicas on each and in-process replicas: they behave
+//! as one hub, also when one of them is killed with SIGKILL.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use state_sync::Revision;
+use state_sync::testkit::WithinLimit;
+use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use state_sync_redis::testkit::RedisServer;
+
+fn hubs(redis: &RedisServer, dirs: &[tempfile::TempDir]) -> Vec<HubProcess> {
+    dirs.iter()
+        .map(|dir| HubProcess::start(dir.path(), &["--redis", &redis.url()]))
+        .collect()
+}
+
+/// Compare-and-set increments of `counter` through `client` until `count`
+/// of them won; returns the revisions won.
+async fn increments(client: Client, count: usize) -> Vec<Revision> {
+    let mut won = Vec::new();
+    while won.len() < count {
+        let current = match client.get_json("counter").await {
+            Ok((revision, data)) => (revision, serde_json::from_slice::<u64>(&data).unwrap()),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        match client
+            .set("counter", &(current.1 + 1), Some(current.0))
+            .await
+        {
+            Ok(revision) => won.push(revision),
+            Err(ClientError::Conflict { .. }) => {}
+            // The hub was killed: wait for it to come back.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    won
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hubs_on_redis_behave_as_one_and_survive_a_sigkilled_hub() {
+    let redis = RedisServer::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut hubs = hubs(&redis, &dirs);
+    let (code, _, err) = run(&["set", "counter", "0"], &hubs[0].socket);
+    assert_eq!(code, 0, "{err}");
+    let watchers: Vec<_> = hubs
+        .iter()
+        .map(|hub| Watcher::start(&hub.socket, &["counter"]))
+        .collect();
+
+    // 6 writers over the 3 hubs, 40 compare-and-set increments each; hub 1
+    // is killed halfway and restarted on its socket.
+    let writers: Vec<_> = (0..6)
+        .map(|i| {
+            let socket = hubs[i % 3].socket.clone();
+            let options = ClientOptions::new(format!("writer-{i}"));
+            let client = Client::connect(Endpoint::Unix(socket), options);
+            tokio::spawn(increments(client, 40))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hubs[1].kill();
+    hubs[1] = HubProcess::start(dirs[1].path(), &["--redis", &redis.url()]);
+
+    let mut issued = std::collections::HashSet::new();
+    for writer in writers {
+        for revision in writer.within_limit().await.unwrap() {
+            assert!(issued.insert(revision), "revision {revision} issued twice");
+        }
+    }
+    assert_eq!(issued.len(), 240);
+    let last = *issued.iter().max().unwrap();
+    for watcher in &watchers {
+        assert_eq!(watcher.wait_for("counter", last), json!(240));
+        let seen = watcher.revisions("counter");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    }
+    // Every hub answers the same.
+    for hub in &hubs {
+        let (code, out, _) = run(&["get", "counter"], &hub.socket);
+        assert_eq!(code, 0);
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(got["data"], json!(240));
+        assert_eq!(got["revision"], last.to_string());
+    }
+}
