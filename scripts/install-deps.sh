@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, unless it is already there: the system
 # libraries of Tauri's Linux backend (WebKitGTK), Node.js (JavaScript
-# tests) and Redis (shared-storage tests). One `apt-get update`, then one `apt-get install`. Needs root for
+# tests), Redis and PostgreSQL (shared-storage tests). One `apt-get update`, then one `apt-get install`. Needs root for
 # apt-get.
 set -euo pipefail
 
@@ -15,6 +15,10 @@ fi
 # The shared-storage tests start a real Redis.
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   missing+=(redis-server redis-tools)
+fi
+# ... and a real PostgreSQL (Debian's layout: /usr/lib/postgresql/*/bin).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  missing+=(postgresql)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

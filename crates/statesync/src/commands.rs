@@ -12,6 +12,7 @@ use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
     ErrorCode, Server, ServerConfig,
 };
+use state_sync_postgres::PostgresStorage;
 use state_sync_redis::RedisStorage;
 use state_sync_storage::{AnyStorage, Durability, FileStorage};
 
@@ -55,6 +56,18 @@ pub(crate) struct ServeArgs {
         hide_env_values = true
     )]
     redis: Option<String>,
+    /// Keep the topics in PostgreSQL, shared with every other hub on it: a
+    /// `postgresql://` URL or `host=… port=… user=… dbname=…`. With a
+    /// password, give it through `STATESYNC_POSTGRES_URL`, so it stays out
+    /// of the process list.
+    #[arg(
+        long,
+        value_name = "CONFIG",
+        env = "STATESYNC_POSTGRES_URL",
+        hide_env_values = true,
+        conflicts_with = "redis"
+    )]
+    postgres: Option<String>,
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
@@ -72,16 +85,21 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
     } else {
         Durability::Fsync
     };
-    let storage = match &args.redis {
-        Some(url) => {
+    let shared = match (&args.redis, &args.postgres) {
+        (Some(url), _) => Some(RedisStorage::connect(url).await.map(AnyStorage::new)),
+        (None, Some(config)) => Some(PostgresStorage::connect(config).await.map(AnyStorage::new)),
+        (None, None) => None,
+    };
+    let storage = match shared {
+        Some(shared) => {
             if let Err(e) = platform::create_private_dir(&data_dir) {
                 return fail(
                     exit::FAILURE,
                     format!("cannot create {}: {e}", data_dir.display()),
                 );
             }
-            match RedisStorage::connect(url).await {
-                Ok(redis) => AnyStorage::new(redis),
+            match shared {
+                Ok(shared) => shared,
                 Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
             }
         }

@@ -1,6 +1,6 @@
-//! Three `statesync serve --redis` processes on one real `redis-server`,
-//! `statesync watch` replicas on each and in-process replicas: they behave
-//! as one hub, also when one of them is killed with SIGKILL.
+//! Three `statesync serve --redis` (or `--postgres`) processes on one real
+//! server, `statesync watch` replicas on each: they behave as one hub, also
+//! when one of them is killed with SIGKILL.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
@@ -13,11 +13,12 @@ use serde_json::json;
 use state_sync::Revision;
 use state_sync::testkit::WithinLimit;
 use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use state_sync_postgres::testkit::PostgresServer;
 use state_sync_redis::testkit::RedisServer;
 
-fn hubs(redis: &RedisServer, dirs: &[tempfile::TempDir]) -> Vec<HubProcess> {
+fn hubs(engine: &[&str], dirs: &[tempfile::TempDir]) -> Vec<HubProcess> {
     dirs.iter()
-        .map(|dir| HubProcess::start(dir.path(), &["--redis", &redis.url()]))
+        .map(|dir| HubProcess::start(dir.path(), engine))
         .collect()
 }
 
@@ -55,8 +56,18 @@ async fn increments(client: Client, count: usize) -> (Vec<Revision>, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hubs_on_redis_behave_as_one_and_survive_a_sigkilled_hub() {
     let redis = RedisServer::start();
+    three_hubs_behave_as_one(&["--redis", &redis.url()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hubs_on_postgres_behave_as_one_and_survive_a_sigkilled_hub() {
+    let postgres = PostgresServer::start();
+    three_hubs_behave_as_one(&["--postgres", &postgres.config()]).await;
+}
+
+async fn three_hubs_behave_as_one(engine: &[&str]) {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut hubs = hubs(&redis, &dirs);
+    let mut hubs = hubs(engine, &dirs);
     let (code, _, err) = run(&["set", "counter", "0"], &hubs[0].socket);
     assert_eq!(code, 0, "{err}");
     let watchers: Vec<_> = hubs
@@ -76,7 +87,7 @@ async fn three_hubs_on_redis_behave_as_one_and_survive_a_sigkilled_hub() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     hubs[1].kill();
-    hubs[1] = HubProcess::start(dirs[1].path(), &["--redis", &redis.url()]);
+    hubs[1] = HubProcess::start(dirs[1].path(), engine);
 
     let mut issued = std::collections::HashSet::new();
     let mut unknown = 0;
