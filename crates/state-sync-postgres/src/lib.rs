@@ -20,6 +20,24 @@
 //! `statesync_topics (topic text primary key, revision text, data bytea)`,
 //! created if missing; notifications on channel `statesync`.
 //!
+//! # Examples
+//!
+//! ```no_run
+//! use state_sync_hub::Hub;
+//! use state_sync_postgres::PostgresStorage;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = std::env::var("STATESYNC_POSTGRES_URL")
+//!     .unwrap_or("host=127.0.0.1 user=postgres dbname=postgres".into());
+//! // Every hub of the group does the same, on the same database.
+//! let hub = Hub::new(PostgresStorage::connect(&config).await?);
+//! let settings = hub.json_topic("settings").await?;
+//! settings.replace(serde_json::json!({"theme": "dark"})).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Feature flags
 //!
 //! | feature | default | enables |

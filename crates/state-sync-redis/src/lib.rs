@@ -26,12 +26,16 @@
 //! # Examples
 //!
 //! ```no_run
+//! use state_sync_hub::Hub;
 //! use state_sync_redis::RedisStorage;
 //!
-//! # async fn run() -> Result<(), state_sync_storage::Error> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let url = std::env::var("STATESYNC_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
-//! let storage = RedisStorage::connect(&url).await?;
-//! # let _ = storage;
+//! // Every hub of the group does the same, on the same Redis.
+//! let hub = Hub::new(RedisStorage::connect(&url).await?);
+//! let settings = hub.json_topic("settings").await?;
+//! settings.replace(serde_json::json!({"theme": "dark"})).await?;
 //! # Ok(())
 //! # }
 //! ```
