@@ -214,7 +214,7 @@ fn the_demo_runs_to_completion_and_reports_convergence() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("converged             yes"), "{stdout}");
-    assert!(stdout.contains("no update lost"), "{stdout}");
+    assert!(stdout.contains("no acknowledged update lost"), "{stdout}");
     assert!(stdout.contains("hub killed (SIGKILL)"), "{stdout}");
 }
 
