@@ -54,7 +54,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use state_sync::{RetryPolicy, Revision, Topic};
+use state_sync::{Revision, Topic};
 use state_sync_storage::{Change, Error, Record, Result, Storage, Stored};
 use tokio::sync::{Mutex, broadcast};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -304,7 +304,7 @@ async fn notify(
     transaction
         .execute(
             "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &format!("{revision} {topic}")],
+            &[&CHANNEL, &Change::notice(topic, revision)],
         )
         .await
         .map(drop)
@@ -314,12 +314,7 @@ async fn notify(
 /// Listens for changes on a connection of its own and forwards them, until
 /// `stop`. After each (re)connection it reports [`Change::Resync`].
 async fn listen(config: String, changes: broadcast::Sender<Change>, stop: CancellationToken) {
-    let mut backoff = RetryPolicy::default()
-        .max_attempts(u32::MAX)
-        .initial_delay(Duration::from_millis(100))
-        .max_delay(Duration::from_secs(5))
-        .jitter(true)
-        .backoff();
+    let mut backoff = Change::listener_backoff();
     loop {
         let connected = tokio::select! {
             () = stop.cancelled() => return,
@@ -352,7 +347,7 @@ async fn listen(config: String, changes: broadcast::Sender<Change>, stop: Cancel
                         };
                         match message {
                             Some(Ok(AsyncMessage::Notification(note))) => {
-                                match parse_change(note.payload()) {
+                                match Change::from_notice(note.payload()) {
                                     Some(change) => {
                                         let _ = changes.send(change);
                                     }
@@ -380,32 +375,5 @@ async fn listen(config: String, changes: broadcast::Sender<Change>, stop: Cancel
             () = stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-    }
-}
-
-/// `"<revision> <topic>"`.
-fn parse_change(payload: &str) -> Option<Change> {
-    let (revision, topic) = payload.split_once(' ')?;
-    Some(Change::Stored {
-        topic: Topic::new(topic).ok()?,
-        revision: revision.parse().ok()?,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn change_payloads_parse_or_are_ignored() {
-        assert_eq!(
-            parse_change("42 cart:user:1"),
-            Some(Change::Stored {
-                topic: Topic::new("cart:user:1").unwrap(),
-                revision: Revision::new(42),
-            })
-        );
-        assert_eq!(parse_change("x y"), None);
-        assert_eq!(parse_change("42"), None);
     }
 }

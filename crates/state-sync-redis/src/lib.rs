@@ -57,7 +57,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use state_sync::{RetryPolicy, Revision, Topic};
+use state_sync::{Revision, Topic};
 use state_sync_storage::{Change, Error, Record, Result, Storage, Stored};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -312,12 +312,7 @@ async fn follow_changes(
     stop: CancellationToken,
     shown_url: String,
 ) {
-    let mut backoff = RetryPolicy::default()
-        .max_attempts(u32::MAX)
-        .initial_delay(Duration::from_millis(100))
-        .max_delay(Duration::from_secs(5))
-        .jitter(true)
-        .backoff();
+    let mut backoff = Change::listener_backoff();
     loop {
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -340,7 +335,10 @@ async fn follow_changes(
                         message = messages.next() => message,
                     };
                     let Some(message) = message else { break };
-                    match parse_change(message.get_payload_bytes()) {
+                    match std::str::from_utf8(message.get_payload_bytes())
+                        .ok()
+                        .and_then(Change::from_notice)
+                    {
                         Some(change) => {
                             let _ = changes.send(change);
                         }
@@ -367,16 +365,6 @@ async fn follow_changes(
     }
 }
 
-/// `"<revision> <topic>"`.
-fn parse_change(payload: &[u8]) -> Option<Change> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let (revision, topic) = text.split_once(' ')?;
-    Some(Change::Stored {
-        topic: Topic::new(topic).ok()?,
-        revision: revision.parse().ok()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,19 +377,5 @@ mod tests {
         );
         assert_eq!(redacted("redis://user:pw@host"), "redis://user:***@host");
         assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
-    }
-
-    #[test]
-    fn change_payloads_parse_or_are_ignored() {
-        assert_eq!(
-            parse_change(b"42 cart:user:1"),
-            Some(Change::Stored {
-                topic: Topic::new("cart:user:1").unwrap(),
-                revision: Revision::new(42),
-            })
-        );
-        assert_eq!(parse_change(b"x y"), None);
-        assert_eq!(parse_change(b"42"), None);
-        assert_eq!(parse_change(b"42  "), None);
     }
 }

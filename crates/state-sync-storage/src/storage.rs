@@ -56,6 +56,38 @@ pub enum Change {
     Resync,
 }
 
+impl Change {
+    /// The notification an engine carries for a commit: `"<revision>
+    /// <topic>"`, never the data (PostgreSQL's NOTIFY takes at most 8 000
+    /// bytes; a topic is at most 100).
+    #[must_use]
+    pub fn notice(topic: &Topic, revision: Revision) -> String {
+        format!("{revision} {topic}")
+    }
+
+    /// Parses a [`notice`](Self::notice); `None` when it is not one.
+    #[must_use]
+    pub fn from_notice(payload: &str) -> Option<Change> {
+        let (revision, topic) = payload.split_once(' ')?;
+        Some(Change::Stored {
+            topic: Topic::new(topic).ok()?,
+            revision: revision.parse().ok()?,
+        })
+    }
+
+    /// How a shared storage's notification listener reconnects: 100 ms
+    /// doubling to 5 s, with jitter, for as long as it takes.
+    #[must_use]
+    pub fn listener_backoff() -> state_sync::Backoff {
+        state_sync::RetryPolicy::default()
+            .max_attempts(u32::MAX)
+            .initial_delay(std::time::Duration::from_millis(100))
+            .max_delay(std::time::Duration::from_secs(5))
+            .jitter(true)
+            .backoff()
+    }
+}
+
 /// Where committed records live.
 ///
 /// Backends must pass the conformance suite (the `conformance` module,
@@ -233,5 +265,27 @@ impl<S: Storage> ErasedStorage for S {
 
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         Storage::changes(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_anything_else_is_ignored() {
+        let topic = Topic::new("cart:user:1").unwrap();
+        let notice = Change::notice(&topic, Revision::new(42));
+        assert_eq!(notice, "42 cart:user:1");
+        assert_eq!(
+            Change::from_notice(&notice),
+            Some(Change::Stored {
+                topic,
+                revision: Revision::new(42),
+            })
+        );
+        for bad in ["x y", "42", "42  ", "01 t", ""] {
+            assert_eq!(Change::from_notice(bad), None, "{bad:?}");
+        }
     }
 }
