@@ -4,6 +4,10 @@
 //! watch`), two writers racing compare-and-set increments (conflicts are
 //! detected and retried), a hub killed and restarted in the middle, and a
 //! summary once every replica holds the hub's final revision.
+//!
+//! With `--redis` or `--postgres`, three hubs share that engine: replicas
+//! are spread over them, the writers use different hubs, and one of the
+//! hubs is killed.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -34,12 +38,31 @@ pub(crate) struct DemoArgs {
     /// it happen).
     #[arg(long, default_value_t = 15)]
     pace_ms: u64,
+    /// Run three hubs sharing this Redis (`redis://HOST:PORT[/DB]`); the
+    /// demo writes the topic `statesync-demo:counter` there.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STATESYNC_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: Option<String>,
+    /// Run three hubs sharing this PostgreSQL database.
+    #[arg(
+        long,
+        value_name = "CONFIG",
+        env = "STATESYNC_POSTGRES_URL",
+        hide_env_values = true,
+        conflicts_with = "redis"
+    )]
+    postgres: Option<String>,
 }
 
 /// What each replica last applied, per topic: (revision, data).
 type Seen = Arc<Mutex<Vec<BTreeMap<String, (Revision, Value)>>>>;
 
-const TOPIC: &str = "counter";
+// Namespaced: on a shared engine, the demo must not touch real topics.
+const TOPIC: &str = "statesync-demo:counter";
 
 pub(crate) async fn run(args: DemoArgs) -> u8 {
     match demo(args).await {
@@ -57,11 +80,35 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         .prefix("statesync-demo-")
         .tempdir()?;
     let exe = std::env::current_exe()?;
-    let endpoint = crate::platform::default_endpoint(dir.path());
-    println!("statesync demo — hub store in {}", dir.path().display());
-
-    let mut hub = start_hub(&exe, dir.path()).await?;
-    println!("hub listening on {endpoint}");
+    // One hub on a temporary file store, or three on a shared engine.
+    // Given to the hubs through their environment: a password in a URL
+    // stays out of the process list.
+    let (engine, engine_name): (Vec<(&str, String)>, Option<&str>) =
+        match (&args.redis, &args.postgres) {
+            (Some(url), _) => (vec![("STATESYNC_REDIS_URL", url.clone())], Some("Redis")),
+            (None, Some(config)) => (
+                vec![("STATESYNC_POSTGRES_URL", config.clone())],
+                Some("PostgreSQL"),
+            ),
+            (None, None) => (Vec::new(), None),
+        };
+    let hub_count = if engine_name.is_some() { 3 } else { 1 };
+    let dirs: Vec<_> = (0..hub_count)
+        .map(|i| dir.path().join(format!("hub-{i}")))
+        .collect();
+    let endpoints: Vec<_> = dirs
+        .iter()
+        .map(|d| crate::platform::default_endpoint(d))
+        .collect();
+    match engine_name {
+        Some(name) => println!("statesync demo — {hub_count} hubs sharing {name}"),
+        None => println!("statesync demo — hub store in {}", dirs[0].display()),
+    }
+    let mut hubs = Vec::new();
+    for (dir, endpoint) in dirs.iter().zip(&endpoints) {
+        hubs.push(start_hub(&exe, dir, &engine).await?);
+        println!("hub listening on {endpoint}");
+    }
 
     let seen: Seen = Arc::new(Mutex::new(vec![BTreeMap::new(); args.replicas as usize]));
     let fetched = Arc::new(AtomicU64::new(0));
@@ -69,7 +116,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     for i in 0..args.replicas as usize {
         replicas.push(start_replica(
             &exe,
-            dir.path(),
+            &dirs[i % hub_count],
             i,
             seen.clone(),
             fetched.clone(),
@@ -78,7 +125,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     println!("{} replica processes watching `{TOPIC}`", args.replicas);
 
     // The topic starts at 0; every later write is a compare-and-set.
-    let setup = Client::connect(endpoint.clone(), ClientOptions::new("demo"));
+    let setup = Client::connect(endpoints[0].clone(), ClientOptions::new("demo"));
     setup.wait_connected().await;
     setup.set(TOPIC, &0u64, None).await?;
 
@@ -86,10 +133,11 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     let done = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
     let total = args.writes * 2;
-    let writers: Vec<_> = ["writer-a", "writer-b"]
+    // On several hubs, the writers use the first and the last.
+    let writers: Vec<_> = [("writer-a", 0), ("writer-b", hub_count - 1)]
         .into_iter()
-        .map(|name| {
-            let client = Client::connect(endpoint.clone(), ClientOptions::new(name));
+        .map(|(name, hub)| {
+            let client = Client::connect(endpoints[hub].clone(), ClientOptions::new(name));
             tokio::spawn(increment_loop(
                 client,
                 args.writes,
@@ -112,11 +160,18 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let progress = done.load(Ordering::Relaxed);
         if !restarted && progress >= total / 2 {
-            hub.kill().await?;
+            // The middle hub: on three hubs, one neither writer uses.
+            let victim = hub_count / 2;
+            hubs[victim].kill().await?;
+            let store = if engine_name.is_some() {
+                "the shared engine"
+            } else {
+                "the same store"
+            };
             println!(
-                "\n*** hub killed (SIGKILL) after {progress} of {total} writes; restarting on the same store"
+                "\n*** hub killed (SIGKILL) after {progress} of {total} writes; restarting on {store}"
             );
-            hub = start_hub(&exe, dir.path()).await?;
+            hubs[victim] = start_hub(&exe, &dirs[victim], &engine).await?;
             println!("*** hub back; writers and replicas reconnect and resync\n");
             restarted = true;
             drawn = false;
@@ -166,7 +221,9 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     for replica in &mut replicas {
         let _ = replica.kill().await;
     }
-    crate::platform::terminate(&mut hub).await;
+    for hub in &mut hubs {
+        crate::platform::terminate(hub).await;
+    }
 
     // Every acknowledged increment is in; one whose answer died with the
     // hub may be in too.
@@ -184,7 +241,12 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         "conflicts detected    {} (each retried on the new revision)",
         conflicts.load(Ordering::Relaxed)
     );
-    println!("hub restarts          1 (SIGKILL mid-stream, same store)");
+    match engine_name {
+        Some(name) => println!(
+            "hub restarts          1 of {hub_count} hubs sharing {name} (SIGKILL mid-stream)"
+        ),
+        None => println!("hub restarts          1 (SIGKILL mid-stream, same store)"),
+    }
     if unknown > 0 {
         println!(
             "answers lost          {unknown} (sets in flight when the hub died: committed or not, then retried)"
@@ -309,10 +371,15 @@ fn render(seen: &Seen, done: u64, total: u64, conflicts: u64, redraw: bool) {
     let _ = out.flush();
 }
 
-async fn start_hub(exe: &Path, dir: &Path) -> Result<Child, Box<dyn std::error::Error>> {
+async fn start_hub(
+    exe: &Path,
+    dir: &Path,
+    engine: &[(&str, String)],
+) -> Result<Child, Box<dyn std::error::Error>> {
     let mut child = Command::new(exe)
         .args(["serve", "--log", "error", "--data-dir"])
         .arg(dir)
+        .envs(engine.iter().map(|(name, value)| (*name, value)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

@@ -125,3 +125,43 @@ async fn three_hubs_behave_as_one(engine: &[&str]) {
         assert_eq!(got["revision"], last.to_string());
     }
 }
+
+/// `statesync demo` on an engine: three hubs, one killed, every replica
+/// converged, no acknowledged update lost.
+fn demo_on(variable: &str, value: &str) {
+    let out = statesync()
+        .args([
+            "demo",
+            "--replicas",
+            "3",
+            "--writes",
+            "30",
+            "--pace-ms",
+            "5",
+        ])
+        .env(variable, value)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 hubs sharing"), "{stdout}");
+    assert!(stdout.contains("hub killed (SIGKILL)"), "{stdout}");
+    assert!(stdout.contains("no acknowledged update lost"), "{stdout}");
+    assert!(stdout.contains("converged             yes"), "{stdout}");
+}
+
+#[test]
+fn the_demo_runs_on_redis() {
+    let redis = RedisServer::start();
+    demo_on("STATESYNC_REDIS_URL", &redis.url());
+}
+
+#[test]
+fn the_demo_runs_on_postgres() {
+    let postgres = PostgresServer::start();
+    demo_on("STATESYNC_POSTGRES_URL", &postgres.config());
+}
