@@ -551,7 +551,9 @@ async fn follow_storage(inner: Weak<Inner>, mut changes: broadcast::Receiver<Cha
                     let Some(inner) = inner.upgrade() else { return };
                     let hub = Hub { inner };
                     match hub.open_topic(&topic) {
-                        Some(raw) if raw.json().revision < revision => Some(topic),
+                        Some(raw) if raw.json().revision < revision && !raw.offered(revision) => {
+                            Some(topic)
+                        }
                         // Not open here: nothing to follow. (Opened on
                         // demand, with the type its user asks for.)
                         _ => continue,

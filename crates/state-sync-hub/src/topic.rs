@@ -7,7 +7,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -130,6 +130,10 @@ pub(crate) struct TopicCore<T> {
     source: MemorySource<Shared<T>>,
     writes: mpsc::Sender<Op<T>>,
     closed: Arc<AtomicBool>,
+    /// The highest revision this hub's writer has offered the storage: a
+    /// change notice at or below it is this hub's own commit (or one the
+    /// writer takes in from its conflict answer), so it needs no read.
+    offered: Arc<AtomicU64>,
 }
 
 impl<T: TopicValue> TopicCore<T> {
@@ -179,17 +183,20 @@ impl<T: TopicValue> TopicCore<T> {
         tracing::debug!(%topic, %revision, "topic opened");
         let source = MemorySource::starting_at(topic, revision, shared);
         let (writes, queue) = mpsc::channel(options.queue_capacity);
+        let offered = Arc::new(AtomicU64::new(0));
         tokio::spawn(run_writer(
             source.clone(),
             storage,
             queue,
             options.max_batch,
             stored,
+            offered.clone(),
         ));
         Ok(Arc::new(TopicCore {
             source,
             writes,
             closed,
+            offered,
         }))
     }
 
@@ -307,10 +314,11 @@ async fn run_writer<T: TopicValue>(
     mut queue: mpsc::Receiver<Op<T>>,
     max_batch: usize,
     mut stored: Option<Revision>,
+    offered: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
-        commit_batch(&source, &storage, &mut stored, &mut batch).await;
+        commit_batch(&source, &storage, &mut stored, &offered, &mut batch).await;
     }
 }
 
@@ -370,6 +378,7 @@ async fn commit_batch<T: TopicValue>(
     source: &MemorySource<Shared<T>>,
     storage: &AnyStorage,
     stored: &mut Option<Revision>,
+    offered: &AtomicU64,
     batch: &mut Vec<Op<T>>,
 ) {
     let topic = source.topic().clone();
@@ -396,7 +405,7 @@ async fn commit_batch<T: TopicValue>(
             }
         }
     }
-    let answers = commit_writes(source, storage, stored, &mut writes).await;
+    let answers = commit_writes(source, storage, stored, offered, &mut writes).await;
     for (write, answer) in writes.into_iter().zip(answers) {
         let _ = write.reply.send(answer);
     }
@@ -412,6 +421,7 @@ async fn commit_writes<T: TopicValue>(
     source: &MemorySource<Shared<T>>,
     storage: &AnyStorage,
     stored: &mut Option<Revision>,
+    offered: &AtomicU64,
     writes: &mut [Write<T>],
 ) -> Vec<Result<Revision>> {
     let topic = source.topic().clone();
@@ -455,6 +465,7 @@ async fn commit_writes<T: TopicValue>(
             return answers;
         }
         let record = Record::new(revision, state.json.clone());
+        offered.fetch_max(revision.get(), Ordering::AcqRel);
         match storage.store_if(&topic, *stored, &record).await {
             Ok(Stored::Committed) => {
                 *stored = Some(revision);
@@ -559,6 +570,9 @@ pub(crate) trait RawTopic: Send + Sync + 'static {
     fn barrier(&self) -> BoxFuture<'_, ()>;
     /// Takes in a record another hub of a shared storage committed.
     fn follow(&self, record: Record) -> BoxFuture<'_, ()>;
+    /// Whether a change notice for `revision` needs no read: this hub's
+    /// writer offered that revision (or a later one) itself.
+    fn offered(&self, revision: Revision) -> bool;
     fn type_name(&self) -> &'static str;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
@@ -609,6 +623,10 @@ impl<T: TopicValue> RawTopic for TopicCore<T> {
             // In the writer's queue: ordered with this hub's own commits.
             let _ = self.writes.send(Op::Followed(record)).await;
         })
+    }
+
+    fn offered(&self, revision: Revision) -> bool {
+        revision.get() <= self.offered.load(Ordering::Acquire)
     }
 
     fn type_name(&self) -> &'static str {
