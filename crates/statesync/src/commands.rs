@@ -18,7 +18,7 @@ use state_sync_storage::{AnyStorage, Durability, FileStorage};
 
 use crate::output::{complain, say};
 use crate::platform::{self, shutdown_signal};
-use crate::{HubArgs, TokenArgs, default_data_dir, exit};
+use crate::{EngineArgs, HubArgs, TokenArgs, default_data_dir, exit};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -45,29 +45,8 @@ pub(crate) struct ServeArgs {
     access: Option<PathBuf>,
     #[command(flatten)]
     token: TokenArgs,
-    /// Keep the topics in Redis, shared with every other hub on it, instead
-    /// of the data directory's file store: `redis://HOST:PORT[/DB]`. With a
-    /// password, give the URL through `STATESYNC_REDIS_URL`, so it stays out
-    /// of the process list.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "STATESYNC_REDIS_URL",
-        hide_env_values = true
-    )]
-    redis: Option<String>,
-    /// Keep the topics in PostgreSQL, shared with every other hub on it: a
-    /// `postgresql://` URL or `host=… port=… user=… dbname=…`. With a
-    /// password, give it through `STATESYNC_POSTGRES_URL`, so it stays out
-    /// of the process list.
-    #[arg(
-        long,
-        value_name = "CONFIG",
-        env = "STATESYNC_POSTGRES_URL",
-        hide_env_values = true,
-        conflicts_with = "redis"
-    )]
-    postgres: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Skip `fsync`: survives a crash of the process, not of the machine.
     #[arg(long)]
     no_fsync: bool,
@@ -85,7 +64,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
     } else {
         Durability::Fsync
     };
-    let shared = match (&args.redis, &args.postgres) {
+    let shared = match (&args.engine.redis, &args.engine.postgres) {
         (Some(url), _) => Some(RedisStorage::connect(url).await.map(AnyStorage::new)),
         (None, Some(config)) => Some(PostgresStorage::connect(config).await.map(AnyStorage::new)),
         (None, None) => None,

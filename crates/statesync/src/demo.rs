@@ -38,24 +38,10 @@ pub(crate) struct DemoArgs {
     /// it happen).
     #[arg(long, default_value_t = 15)]
     pace_ms: u64,
-    /// Run three hubs sharing this Redis (`redis://HOST:PORT[/DB]`); the
-    /// demo writes the topic `statesync-demo:counter` there.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "STATESYNC_REDIS_URL",
-        hide_env_values = true
-    )]
-    redis: Option<String>,
-    /// Run three hubs sharing this PostgreSQL database.
-    #[arg(
-        long,
-        value_name = "CONFIG",
-        env = "STATESYNC_POSTGRES_URL",
-        hide_env_values = true,
-        conflicts_with = "redis"
-    )]
-    postgres: Option<String>,
+    /// With an engine: three hubs sharing it (the demo writes only the
+    /// topic `statesync-demo:counter` there).
+    #[command(flatten)]
+    engine: crate::EngineArgs,
 }
 
 /// What each replica last applied, per topic: (revision, data).
@@ -84,7 +70,7 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
     // Given to the hubs through their environment: a password in a URL
     // stays out of the process list.
     let (engine, engine_name): (Vec<(&str, String)>, Option<&str>) =
-        match (&args.redis, &args.postgres) {
+        match (&args.engine.redis, &args.engine.postgres) {
             (Some(url), _) => (vec![("STATESYNC_REDIS_URL", url.clone())], Some("Redis")),
             (None, Some(config)) => (
                 vec![("STATESYNC_POSTGRES_URL", config.clone())],

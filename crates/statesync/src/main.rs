@@ -123,6 +123,34 @@ pub(crate) struct TokenArgs {
     token_file: Option<PathBuf>,
 }
 
+/// A shared storage for the hub (several hubs on it behave as one), instead
+/// of the data directory's file store; shared by `serve` and `demo`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EngineArgs {
+    /// Keep the topics in Redis, shared with every other hub on it:
+    /// `redis://HOST:PORT[/DB]`. With a password, give the URL through
+    /// `STATESYNC_REDIS_URL`, so it stays out of the process list.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STATESYNC_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis: Option<String>,
+    /// Keep the topics in PostgreSQL, shared with every other hub on it: a
+    /// `postgresql://` URL or `host=… port=… user=… dbname=…`. With a
+    /// password, give it through `STATESYNC_POSTGRES_URL`, so it stays out
+    /// of the process list.
+    #[arg(
+        long,
+        value_name = "CONFIG",
+        env = "STATESYNC_POSTGRES_URL",
+        hide_env_values = true,
+        conflicts_with = "redis"
+    )]
+    postgres: Option<String>,
+}
+
 /// The default data directory: `state-sync` under the user's data
 /// directory.
 pub(crate) fn default_data_dir() -> PathBuf {
