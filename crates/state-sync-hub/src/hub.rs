@@ -25,6 +25,36 @@ pub(crate) struct Options {
     pub(crate) probe_interval: Duration,
     /// Whether other hubs write the storage too.
     pub(crate) shared: bool,
+    /// Whether the storage answers, shared by every topic of the hub.
+    pub(crate) health: Arc<StorageHealth>,
+}
+
+/// Whether the hub's storage answered its last request.
+#[derive(Debug, Default)]
+pub(crate) struct StorageHealth {
+    failing: AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl StorageHealth {
+    /// Records the outcome of a storage request.
+    pub(crate) fn record<T>(&self, outcome: &std::result::Result<T, state_sync_storage::Error>) {
+        match outcome {
+            Ok(_) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the storage answers again");
+                }
+            }
+            Err(e) => {
+                self.failing.store(true, Ordering::Release);
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some(state_sync::ErrorChain(e).to_string());
+            }
+        }
+    }
 }
 
 impl Default for Options {
@@ -35,6 +65,7 @@ impl Default for Options {
             max_topics: 10_000,
             probe_interval: Duration::from_secs(30),
             shared: false,
+            health: Arc::default(),
         }
     }
 }
@@ -338,6 +369,23 @@ impl Hub {
         Ok(opened)
     }
 
+    /// `None` while the storage answers; otherwise its last error. Reads
+    /// keep serving the last known state meanwhile, which may be stale on
+    /// a shared storage (other hubs' writes are not seen), and writes fail
+    /// with [`Error::Storage`].
+    #[must_use]
+    pub fn storage_failure(&self) -> Option<String> {
+        let health = &self.inner.options.health;
+        if !health.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        health
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Whether other hubs share this hub's storage (see
     /// [`HubBuilder::build`]).
     #[must_use]
@@ -472,7 +520,9 @@ impl Hub {
         let Some(raw) = self.open_topic(topic) else {
             return;
         };
-        match self.inner.storage.load(topic).await {
+        let loaded = self.inner.storage.load(topic).await;
+        self.inner.options.health.record(&loaded);
+        match loaded {
             Ok(Some(record)) if record.revision > raw.json().revision => raw.follow(record).await,
             Ok(_) => {}
             Err(e) => {

@@ -191,6 +191,7 @@ impl<T: TopicValue> TopicCore<T> {
             options.max_batch,
             stored,
             offered.clone(),
+            options.health.clone(),
         ));
         Ok(Arc::new(TopicCore {
             source,
@@ -315,10 +316,19 @@ async fn run_writer<T: TopicValue>(
     max_batch: usize,
     mut stored: Option<Revision>,
     offered: Arc<AtomicU64>,
+    health: Arc<crate::hub::StorageHealth>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while queue.recv_many(&mut batch, max_batch).await > 0 {
-        commit_batch(&source, &storage, &mut stored, &offered, &mut batch).await;
+        commit_batch(
+            &source,
+            &storage,
+            &mut stored,
+            &offered,
+            &health,
+            &mut batch,
+        )
+        .await;
     }
 }
 
@@ -379,6 +389,7 @@ async fn commit_batch<T: TopicValue>(
     storage: &AnyStorage,
     stored: &mut Option<Revision>,
     offered: &AtomicU64,
+    health: &crate::hub::StorageHealth,
     batch: &mut Vec<Op<T>>,
 ) {
     let topic = source.topic().clone();
@@ -405,7 +416,7 @@ async fn commit_batch<T: TopicValue>(
             }
         }
     }
-    let answers = commit_writes(source, storage, stored, offered, &mut writes).await;
+    let answers = commit_writes(source, storage, stored, offered, health, &mut writes).await;
     for (write, answer) in writes.into_iter().zip(answers) {
         let _ = write.reply.send(answer);
     }
@@ -422,6 +433,7 @@ async fn commit_writes<T: TopicValue>(
     storage: &AnyStorage,
     stored: &mut Option<Revision>,
     offered: &AtomicU64,
+    health: &crate::hub::StorageHealth,
     writes: &mut [Write<T>],
 ) -> Vec<Result<Revision>> {
     let topic = source.topic().clone();
@@ -466,7 +478,9 @@ async fn commit_writes<T: TopicValue>(
         }
         let record = Record::new(revision, state.json.clone());
         offered.fetch_max(revision.get(), Ordering::AcqRel);
-        match storage.store_if(&topic, *stored, &record).await {
+        let outcome = storage.store_if(&topic, *stored, &record).await;
+        health.record(&outcome);
+        match outcome {
             Ok(Stored::Committed) => {
                 *stored = Some(revision);
                 // One invalidation per commit, each naming its own writer.

@@ -138,6 +138,10 @@ pub struct ServerStats {
     pub connections_refused: u64,
     /// Connections closed because writing to them failed or stalled.
     pub connections_closed_unwritable: u64,
+    /// `Some(last error)` while the hub's storage fails: writes answer
+    /// `storage`, reads serve the last known state, which on a shared
+    /// storage may be stale.
+    pub storage_failure: Option<String>,
 }
 
 /// Serves a [`Hub`] to other processes: over a Unix socket (created
@@ -386,6 +390,7 @@ impl Server {
                 .saturating_sub(self.shared.queue_budget.available_permits()),
             connections_refused: c.connections_refused.load(Ordering::Relaxed),
             connections_closed_unwritable: c.connections_closed_unwritable.load(Ordering::Relaxed),
+            storage_failure: self.shared.hub.storage_failure(),
         }
     }
 

@@ -68,8 +68,22 @@ impl RedisServer {
     ///
     /// When it does not come back.
     pub fn restart(&mut self) {
-        self.child.kill().expect("redis test server");
-        self.child.wait().expect("redis test server");
+        self.stop();
+        self.resume();
+    }
+
+    /// Kills it (SIGKILL); [`resume`](Self::resume) starts it again.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, empty.
+    ///
+    /// # Panics
+    ///
+    /// When it does not come back.
+    pub fn resume(&mut self) {
         self.child = Self::spawn(self.port, self.dir.path());
     }
 

@@ -3,6 +3,7 @@
 //! the storage conformance suites and the several-hubs scenarios.
 #![allow(clippy::unwrap_used)]
 
+use state_sync::testkit::WithinLimit;
 use state_sync_hub::testkit;
 use state_sync_redis::RedisStorage;
 use state_sync_redis::testkit::RedisServer;
@@ -74,4 +75,40 @@ async fn revisions_never_go_backwards_when_redis_restarts_without_persistence() 
         server.lock().unwrap().restart();
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_writes_fail_reads_serve_the_last_state_marked_stale() {
+    use state_sync_hub::Hub;
+    let mut server = RedisServer::start();
+    let hub = Hub::new(storages(&server, "down", 1).await.remove(0));
+    let doc = hub.json_topic("doc").await.unwrap();
+    let acknowledged = doc.replace(serde_json::json!("before")).await.unwrap();
+    assert_eq!(hub.storage_failure(), None);
+
+    server.stop();
+    let err = doc.replace(serde_json::json!("lost?")).await.unwrap_err();
+    assert_eq!(err.code(), "storage", "{err}");
+    let served = doc.get();
+    assert_eq!(
+        (served.revision(), served.value()),
+        (acknowledged, &serde_json::json!("before"))
+    );
+    assert!(hub.storage_failure().is_some(), "marked stale");
+
+    // Back: the hub reconnects by itself; nothing acknowledged is lost (the
+    // restarted Redis is empty, and the hub writes above what it had).
+    server.resume();
+    let after = async {
+        loop {
+            match doc.replace(serde_json::json!("after")).await {
+                Ok(revision) => break revision,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+    .within_limit()
+    .await;
+    assert!(after > acknowledged);
+    assert_eq!(hub.storage_failure(), None);
 }
