@@ -368,13 +368,18 @@ fn follow<T: TopicValue>(
     tracing::debug!(%topic, revision = %record.revision, "followed another hub's commit");
     source
         .publish_commits(shared, [(record.revision, None)])
-        .map_err(|e| Error::Storage {
-            topic: Some(topic.clone()),
-            source: Arc::new(state_sync_storage::Error::Io {
-                path: "<followed commit>".into(),
-                source: std::io::Error::other(e),
-            }),
-        })
+        .map_err(|e| shared_storage_error(topic, Box::new(e)))
+}
+
+/// A failure of the shared-storage protocol itself (not of the engine).
+fn shared_storage_error(topic: &Topic, source: BoxError) -> Error {
+    Error::Storage {
+        topic: Some(topic.clone()),
+        source: Arc::new(state_sync_storage::Error::Backend {
+            backend: "shared storage",
+            source,
+        }),
+    }
 }
 
 struct Write<T> {
@@ -521,15 +526,10 @@ async fn commit_writes<T: TopicValue>(
         }
     }
     tracing::warn!(%topic, "too much contention: writes not committed");
-    let failure = Error::Storage {
-        topic: Some(topic.clone()),
-        source: Arc::new(state_sync_storage::Error::Io {
-            path: "<shared storage>".into(),
-            source: std::io::Error::other(format!(
-                "lost {MAX_COMMIT_ATTEMPTS} compare-and-set races in a row to other hubs"
-            )),
-        }),
-    };
+    let failure = shared_storage_error(
+        &topic,
+        format!("lost {MAX_COMMIT_ATTEMPTS} compare-and-set races in a row to other hubs").into(),
+    );
     writes.iter().map(|_| Err(failure.clone())).collect()
 }
 

@@ -138,7 +138,12 @@ impl PostgresStorage {
         client.batch_execute(SCHEMA).await.map_err(backend)?;
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
-        tokio::spawn(listen(config.to_owned(), changes.clone(), stop.clone()));
+        tokio::spawn(state_sync_storage::run_listener(
+            "postgres",
+            listening(config.to_owned()),
+            changes.clone(),
+            stop.clone(),
+        ));
         Ok(PostgresStorage {
             inner: Arc::new(Inner {
                 config: config.to_owned(),
@@ -311,69 +316,52 @@ async fn notify(
         .map_err(backend)
 }
 
-/// Listens for changes on a connection of its own and forwards them, until
-/// `stop`. After each (re)connection it reports [`Change::Resync`].
-async fn listen(config: String, changes: broadcast::Sender<Change>, stop: CancellationToken) {
-    let mut backoff = Change::listener_backoff();
-    loop {
-        let connected = tokio::select! {
-            () = stop.cancelled() => return,
-            connected = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio_postgres::connect(&config, NoTls),
-            ) => connected,
-        };
-        match connected {
-            Ok(Ok((client, mut connection))) => {
-                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let listening = async { client.batch_execute(&format!("LISTEN {CHANNEL}")).await };
-                // The connection must be driven while LISTEN runs.
-                let mut listened = std::pin::pin!(listening);
-                let ready = loop {
+/// Opens a connection of its own that has run `LISTEN`; its notices'
+/// payloads, until it ends.
+fn listening(
+    config: String,
+) -> impl FnMut() -> futures::future::BoxFuture<
+    'static,
+    Result<futures::stream::BoxStream<'static, String>, tokio_postgres::Error>,
+> {
+    move || {
+        let config = config.clone();
+        Box::pin(async move {
+            let (client, mut connection) = tokio_postgres::connect(&config, NoTls).await?;
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            // The connection must be driven while LISTEN runs.
+            let statement = format!("LISTEN {CHANNEL}");
+            {
+                let listen = client.batch_execute(&statement);
+                let mut listen = std::pin::pin!(listen);
+                loop {
                     tokio::select! {
-                        () = stop.cancelled() => return,
-                        done = &mut listened => break done.is_ok(),
-                        message = messages.next() => if message.is_none() { break false },
-                    }
-                };
-                if ready {
-                    tracing::debug!("listening for changes");
-                    let _ = changes.send(Change::Resync);
-                    let since = tokio::time::Instant::now();
-                    loop {
-                        let message = tokio::select! {
-                            () = stop.cancelled() => return,
-                            message = messages.next() => message,
-                        };
-                        match message {
-                            Some(Ok(AsyncMessage::Notification(note))) => {
-                                match Change::from_notice(note.payload()) {
-                                    Some(change) => {
-                                        let _ = changes.send(change);
-                                    }
-                                    None => {
-                                        tracing::warn!("ignoring a malformed change notification")
-                                    }
-                                }
-                            }
+                        done = &mut listen => break done?,
+                        message = messages.next() => match message {
                             Some(Ok(_)) => {}
-                            Some(Err(_)) | None => break,
-                        }
+                            Some(Err(e)) => return Err(e),
+                            None => break,
+                        },
                     }
-                    if since.elapsed() > Duration::from_secs(5) {
-                        backoff.reset();
-                    }
-                    tracing::warn!("the listening connection dropped; reconnecting");
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot listen for changes"),
-            Err(_) => tracing::warn!("cannot listen for changes: no connection within 5 s"),
-        }
-        let _ = changes.send(Change::Resync);
-        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
+            // The client lives as long as the stream: dropping it would
+            // close the connection.
+            let notices = messages
+                .filter_map(move |message| {
+                    let _client = &client;
+                    std::future::ready(match message {
+                        Ok(AsyncMessage::Notification(note)) => {
+                            Some(Some(note.payload().to_owned()))
+                        }
+                        Ok(_) => None,
+                        Err(_) => Some(None),
+                    })
+                })
+                // An error ends the stream.
+                .take_while(|notice| std::future::ready(notice.is_some()))
+                .filter_map(std::future::ready);
+            Ok(Box::pin(notices) as futures::stream::BoxStream<'static, String>)
+        })
     }
 }

@@ -170,12 +170,23 @@ impl RedisStorage {
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         let shown_url = redacted(url);
-        tokio::spawn(follow_changes(
-            client,
-            format!("{prefix}:changes"),
+        let channel = format!("{prefix}:changes");
+        let subscribe = move || {
+            let client = client.clone();
+            let channel = channel.clone();
+            async move {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub.into_on_message().map(|message| {
+                    String::from_utf8_lossy(message.get_payload_bytes()).into_owned()
+                }))
+            }
+        };
+        tokio::spawn(state_sync_storage::run_listener(
+            "redis",
+            subscribe,
             changes.clone(),
             stop.clone(),
-            shown_url.clone(),
         ));
         Ok(RedisStorage {
             inner: Arc::new(Inner {
@@ -299,69 +310,6 @@ impl Storage for RedisStorage {
 
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         Some(self.inner.changes.subscribe())
-    }
-}
-
-/// Subscribes to the change channel and forwards every change, until
-/// `stop`. After each (re)subscription it reports [`Change::Resync`]:
-/// whatever was published while the connection was down is lost.
-async fn follow_changes(
-    client: redis::Client,
-    channel: String,
-    changes: broadcast::Sender<Change>,
-    stop: CancellationToken,
-    shown_url: String,
-) {
-    let mut backoff = Change::listener_backoff();
-    loop {
-        let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            () = stop.cancelled() => return,
-            subscribed = tokio::time::timeout(Duration::from_secs(5), subscribed) => subscribed,
-        };
-        match pubsub {
-            Ok(Ok(pubsub)) => {
-                tracing::debug!(url = %shown_url, "following changes");
-                let _ = changes.send(Change::Resync);
-                let since = tokio::time::Instant::now();
-                let mut messages = pubsub.into_on_message();
-                loop {
-                    let message = tokio::select! {
-                        () = stop.cancelled() => return,
-                        message = messages.next() => message,
-                    };
-                    let Some(message) = message else { break };
-                    match std::str::from_utf8(message.get_payload_bytes())
-                        .ok()
-                        .and_then(Change::from_notice)
-                    {
-                        Some(change) => {
-                            let _ = changes.send(change);
-                        }
-                        None => tracing::warn!("ignoring a malformed change notification"),
-                    }
-                }
-                tracing::warn!(url = %shown_url, "the change notification connection dropped; reconnecting");
-                if since.elapsed() > Duration::from_secs(5) {
-                    backoff.reset();
-                }
-            }
-            Ok(Err(e)) => tracing::warn!(url = %shown_url, error = %e, "cannot follow changes"),
-            Err(_) => {
-                tracing::warn!(url = %shown_url, "cannot follow changes: no answer within 5 s")
-            }
-        }
-        // Changes may be missed until the next subscription.
-        let _ = changes.send(Change::Resync);
-        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
     }
 }
 

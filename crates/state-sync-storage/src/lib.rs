@@ -53,11 +53,13 @@ mod error;
 mod file;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod listener;
 mod memory;
 mod platform;
 mod storage;
 
 pub use error::{Error, Result};
 pub use file::{Durability, FileStorage};
+pub use listener::run_listener;
 pub use memory::MemoryStorage;
 pub use storage::{AnyStorage, Change, Record, Storage, Stored};
