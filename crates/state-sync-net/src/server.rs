@@ -33,7 +33,30 @@ use crate::protocol::{
 };
 
 /// Limits and behaviour of a [`Server`].
-#[derive(Debug, Clone)]
+///
+/// Deserializes from a TOML table (the `[server]` table of `statesync serve
+/// --config`): every field is optional and takes the default documented on
+/// it; durations are written like `"10s"` or `"500ms"`; an unknown key is an
+/// error that names it.
+///
+/// ```
+/// use std::time::Duration;
+/// use state_sync_net::ServerConfig;
+///
+/// let config: ServerConfig = toml::from_str(r#"
+///     max_connections = 100
+///     idle_timeout = "30s"
+/// "#)?;
+/// assert_eq!(config.max_connections, 100);
+/// assert_eq!(config.idle_timeout, Duration::from_secs(30));
+/// assert_eq!(config.write_timeout, ServerConfig::default().write_timeout);
+///
+/// let unknown = toml::from_str::<ServerConfig>("max_conections = 100").unwrap_err();
+/// assert!(unknown.to_string().contains("max_conections"));
+/// # Ok::<(), toml::de::Error>(())
+/// ```
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Largest frame accepted or sent (default 1 MiB). A larger incoming
     /// frame closes the connection with `too_large`.
@@ -43,8 +66,10 @@ pub struct ServerConfig {
     pub max_snapshot_bytes: usize,
     /// A connection that sends nothing for this long is closed (default
     /// 60 s; clients ping more often).
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// How long a new connection has to send `hello` (default 10 s).
+    #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Whether `set` on an unknown topic creates it as a JSON topic
     /// (default `true`).
@@ -61,6 +86,7 @@ pub struct ServerConfig {
     pub max_field_bytes: usize,
     /// A write to a connection that makes no progress for this long closes
     /// it (default 10 s): a peer that stops reading costs bounded time.
+    #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Bytes of answers queued for one connection, waiting to be written
     /// (default 4 MiB; at least one frame always fits). A client that
@@ -78,6 +104,7 @@ pub struct ServerConfig {
     pub max_requests_in_flight: usize,
     /// How long [`Server::shutdown`] waits for connections to finish after
     /// answering the writes in flight (default 5 s).
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }
 

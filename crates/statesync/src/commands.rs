@@ -1,7 +1,7 @@
 //! `serve`, `get`, `set`, `watch`: thin layers over the library crates.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -10,18 +10,23 @@ use state_sync::{RetryPolicy, Revision, SyncHandle, applier};
 use state_sync_hub::Hub;
 use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
-    ErrorCode, Server, ServerConfig,
+    ErrorCode, Server,
 };
 use state_sync_postgres::PostgresStorage;
 use state_sync_redis::RedisStorage;
 use state_sync_storage::{AnyStorage, Durability, FileStorage};
 
+use crate::config::ServeConfig;
 use crate::output::{complain, say};
 use crate::platform::{self, shutdown_signal};
 use crate::{EngineArgs, HubArgs, TokenArgs, default_data_dir, exit};
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
+    /// Every setting in one TOML file (see `docs/CONFIG.md`); the flags
+    /// below override it.
+    #[arg(long, value_name = "FILE", env = "STATESYNC_CONFIG")]
+    config: Option<PathBuf>,
     /// Where the store and the socket live (default: `state-sync` under the
     /// user's data directory).
     #[arg(long, env = "STATESYNC_DATA_DIR")]
@@ -57,56 +62,115 @@ fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     code
 }
 
-pub(crate) async fn serve(args: ServeArgs) -> u8 {
-    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let durability = if args.no_fsync {
-        Durability::NoFsync
-    } else {
+/// The hub's storage: the shared engine named by the flags or the config
+/// file, else the file store in `data_dir`.
+async fn open_storage(
+    args: &ServeArgs,
+    config: &ServeConfig,
+    data_dir: &Path,
+) -> Result<AnyStorage, u8> {
+    let fsync = !args.no_fsync && config.store.fsync.unwrap_or(true);
+    let durability = if fsync {
         Durability::Fsync
+    } else {
+        Durability::NoFsync
     };
-    let shared = match (&args.engine.redis, &args.engine.postgres) {
-        (Some(url), _) => Some(RedisStorage::connect(url).await.map(AnyStorage::new)),
+    // An engine on the command line replaces the file's, whichever it is.
+    let (redis, postgres) = if args.engine.redis.is_some() || args.engine.postgres.is_some() {
+        (&args.engine.redis, &args.engine.postgres)
+    } else {
+        (&config.store.redis, &config.store.postgres)
+    };
+    let shared = match (redis, postgres) {
+        (Some(_), Some(_)) => {
+            return Err(fail(
+                exit::BAD_INPUT,
+                "[store] names both redis and postgres; keep one",
+            ));
+        }
+        (Some(url), None) => Some(RedisStorage::connect(url).await.map(AnyStorage::new)),
         (None, Some(config)) => Some(PostgresStorage::connect(config).await.map(AnyStorage::new)),
         (None, None) => None,
     };
-    let storage = match shared {
+    match shared {
         Some(shared) => {
-            if let Err(e) = platform::create_private_dir(&data_dir) {
-                return fail(
+            if let Err(e) = platform::create_private_dir(data_dir) {
+                return Err(fail(
                     exit::FAILURE,
                     format!("cannot create {}: {e}", data_dir.display()),
-                );
+                ));
             }
-            match shared {
-                Ok(shared) => shared,
-                Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
-            }
+            shared.map_err(|e| fail(exit::FAILURE, state_sync::ErrorChain(&e)))
         }
         // Creates the data directory too, `0700` on Unix (the socket lives
         // there).
-        None => match FileStorage::open(data_dir.join("store")) {
-            Ok(s) => AnyStorage::new(s.durability(durability)),
-            Err(e) => return fail(exit::FAILURE, state_sync::ErrorChain(&e)),
-        },
-    };
-    let mut access = match &args.access {
-        Some(path) => match std::fs::read_to_string(path)
+        None => FileStorage::open(data_dir.join("store"))
+            .map(|s| AnyStorage::new(s.durability(durability)))
+            .map_err(|e| fail(exit::FAILURE, state_sync::ErrorChain(&e))),
+    }
+}
+
+/// Who may do what: `--access` (or else the file's `[access]` rules), plus
+/// a full-access token from `--token`/`--token-file` (or else the file's).
+fn access_rules(args: &ServeArgs, config: &ServeConfig) -> Result<AccessConfig, u8> {
+    let mut access = match args.access.as_ref().or(config.access.file.as_ref()) {
+        Some(path) => std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
             .and_then(|text| AccessConfig::from_toml(&text).map_err(|e| e.to_string()))
-        {
-            Ok(access) => access,
-            Err(e) => return fail(exit::BAD_INPUT, format!("{}: {e}", path.display())),
-        },
+            .map_err(|e| fail(exit::BAD_INPUT, format!("{}: {e}", path.display())))?,
         None => AccessConfig::open(),
     };
-    match args.token.read() {
-        Ok(Some(token)) => {
-            access = access.with_client(ClientAccess::new(token).read("*").write("*"));
+    if args.access.is_none() {
+        for client in &config.access.clients {
+            access = access.with_client(client.clone());
         }
-        Ok(None) => {}
-        Err(code) => return code,
     }
-    let hub = Hub::new(storage);
+    let token = if args.token.token.is_some() || args.token.token_file.is_some() {
+        args.token.read()?
+    } else {
+        TokenArgs {
+            token: config.access.token.clone(),
+            token_file: config.access.token_file.clone(),
+        }
+        .read()?
+    };
+    if let Some(token) = token {
+        access = access.with_client(ClientAccess::new(token).read("*").write("*"));
+    }
+    Ok(access)
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> u8 {
+    let config = match &args.config {
+        Some(path) => match ServeConfig::read(path) {
+            Ok(config) => {
+                if config.holds_secrets() && platform::readable_by_others(path) {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "the config file holds secrets and other users may read it; \
+                         make it private (chmod 600)"
+                    );
+                }
+                config
+            }
+            Err(e) => return fail(exit::BAD_INPUT, e),
+        },
+        None => ServeConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| config.store.data_dir.clone())
+        .unwrap_or_else(default_data_dir);
+    let storage = match open_storage(&args, &config, &data_dir).await {
+        Ok(storage) => storage,
+        Err(code) => return code,
+    };
+    let access = match access_rules(&args, &config) {
+        Ok(access) => access,
+        Err(code) => return code,
+    };
+    let hub = config.hub.apply(Hub::builder().storage(storage)).build();
     let topics = match hub.open_stored_topics().await {
         Ok(topics) => topics,
         Err(e) => {
@@ -121,9 +185,10 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         .into_iter()
         .map(|(topic, _)| topic.as_str().to_owned())
         .collect();
-    let server = Server::with_config(hub, ServerConfig::default(), access);
+    let server = Server::with_config(hub, config.server, access);
     let main_endpoint = args
         .socket
+        .or(config.listen.socket)
         .map_or_else(|| platform::default_endpoint(&data_dir), Endpoint::Unix);
     if let Err(e) = platform::listen(&server, &main_endpoint).await {
         return fail(
@@ -131,7 +196,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
             format!("cannot listen on {main_endpoint}: {e}"),
         );
     }
-    let websocket = match &args.ws {
+    let websocket = match args.ws.as_ref().or(config.listen.websocket.as_ref()) {
         Some(addr) => match server.listen_websocket(addr.as_str()).await {
             Ok(addr) => Some(addr.to_string()),
             Err(e) => return fail(exit::FAILURE, format!("cannot listen on {addr}: {e}")),
@@ -142,7 +207,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
     if let Endpoint::Local(name) = &main_endpoint {
         local.push(name.clone());
     }
-    if let Some(name) = &args.local {
+    if let Some(name) = args.local.as_ref().or(config.listen.local.as_ref()) {
         let extra = Endpoint::Local(name.clone());
         if let Err(e) = platform::listen(&server, &extra).await {
             return fail(exit::FAILURE, format!("cannot listen on {extra}: {e}"));

@@ -1,5 +1,6 @@
 //! What differs between platforms, in one place: the default endpoint and
-//! listening on it, the shutdown signal, and stopping a child process.
+//! listening on it, file privacy, the shutdown signal, and stopping a child
+//! process.
 //!
 //! On Unix a hub listens on `hub.sock` in its data directory (mode `0600`);
 //! elsewhere (Windows) on a named pipe whose name is derived from the data
@@ -36,6 +37,21 @@ pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)
+}
+
+/// Whether users other than the owner may read `path` (Unix mode bits; on
+/// other platforms files are private to their user by default: `false`).
+pub(crate) fn readable_by_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
 }
 
 /// Listens on a Unix socket or a named local socket.

@@ -315,3 +315,88 @@ fn a_second_hub_on_the_same_data_directory_is_refused() {
     assert!(err.contains("in use by another process"), "{err}");
     assert!(err.contains(&format!("pid {}", _first.child.id())), "{err}");
 }
+
+#[test]
+fn serve_takes_every_setting_from_a_config_file_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("statesync.toml");
+    std::fs::write(
+        &config,
+        r#"
+        [listen]
+        socket = "from-file.sock"
+        websocket = "127.0.0.1:0"
+
+        [access]
+        token = "s3cret"
+
+        [[access.clients]]
+        name = "reader"
+        token = "read-only"
+        read = ["*"]
+
+        [hub]
+        max_topics = 2
+
+        [server]
+        max_snapshot_bytes = 64
+        "#,
+    )
+    .unwrap();
+    let flag_socket = dir.path().join("from-flag.sock");
+    let hub = HubProcess::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--socket",
+            flag_socket.to_str().unwrap(),
+        ],
+    );
+    // `--socket` beats `[listen] socket`; the file's WebSocket listener is up.
+    assert_eq!(hub.socket, flag_socket);
+    assert!(!dir.path().join("from-file.sock").exists());
+    assert!(hub.websocket.is_some());
+
+    // `[access]`: no token, no entry; the full-access token writes; the
+    // reader's token reads and may not write.
+    let (code, _, err) = run(&["set", "a", "1"], &hub.socket);
+    assert_eq!(code, 5, "{err}");
+    let (code, _, err) = run(&["set", "a", "1", "--token", "s3cret"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = run(&["get", "a", "--token", "read-only"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["data"], 1);
+    let (code, _, _) = run(&["set", "a", "2", "--token", "read-only"], &hub.socket);
+    assert_eq!(code, 5);
+
+    // `[server]` limits and `[hub]` settings apply.
+    let big = format!("\"{}\"", "x".repeat(100));
+    let (code, _, err) = run(&["set", "a", &big, "--token", "s3cret"], &hub.socket);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("too_large") || err.contains("large"), "{err}");
+    let (code, _, err) = run(&["set", "b", "1", "--token", "s3cret"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&["set", "c", "1", "--token", "s3cret"], &hub.socket);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("too_many_topics"), "{err}");
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("statesync.toml");
+    std::fs::write(&config, "[server]\nmax_conections = 10\n").unwrap();
+    let out = statesync()
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("max_conections"), "{err}");
+    assert!(err.contains("statesync.toml"), "{err}");
+    assert!(!dir.path().join("hub.sock").exists());
+}

@@ -62,7 +62,12 @@ async fn three_hubs_on_redis_behave_as_one_and_survive_a_sigkilled_hub() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hubs_on_postgres_behave_as_one_and_survive_a_sigkilled_hub() {
     let postgres = PostgresServer::start();
-    three_hubs_behave_as_one(&["--postgres", &postgres.config()]).await;
+    // The engine from the config file's `[store]`, as an operator writes it.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("statesync.toml");
+    let store = toml::toml! { [store] postgres = (postgres.config()) };
+    std::fs::write(&config, store.to_string()).unwrap();
+    three_hubs_behave_as_one(&["--config", config.to_str().unwrap()]).await;
 }
 
 async fn three_hubs_behave_as_one(engine: &[&str]) {
