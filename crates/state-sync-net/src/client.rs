@@ -22,7 +22,7 @@ use state_sync::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{ClientMessage, ErrorCode, Secret, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, HubStatus, Secret, ServerMessage};
 
 /// Where a hub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -469,6 +469,25 @@ impl Client {
     ) -> Result<Revision, ClientError> {
         let data = serde_json::to_string(value).map_err(|e| ClientError::Json(e.to_string()))?;
         self.set_json(topic, data, expected).await
+    }
+
+    /// The hub's state: the topics this client may read (revision, size,
+    /// subscribers), connections and counters, and whether its storage
+    /// fails (`stale`).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
+    pub async fn hub_status(&self) -> Result<HubStatus, ClientError> {
+        let id = self.next_id();
+        match self.request(id, &ClientMessage::Status { id }).await? {
+            ServerMessage::Status { status, .. } => Ok(status),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn fetch(

@@ -418,7 +418,8 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
         | ServerMessage::NotModified { id, .. }
         | ServerMessage::Ok { id, .. }
         | ServerMessage::Conflict { id, .. }
-        | ServerMessage::Pong { id } => id,
+        | ServerMessage::Pong { id }
+        | ServerMessage::Status { id, .. } => id,
     };
     if let Some(reply) = lock(&shared.waiting).remove(&id) {
         let _ = reply.send(message);

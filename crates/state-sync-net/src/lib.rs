@@ -26,5 +26,5 @@ mod server;
 
 pub use access::{AccessConfig, AccessConfigError, ClientAccess, Grant};
 pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint, RemoteTopic};
-pub use protocol::{ErrorCode, PROTOCOL_VERSION, Secret};
+pub use protocol::{ErrorCode, HubStatus, PROTOCOL_VERSION, Secret, TopicStatus};
 pub use server::{Server, ServerConfig, ServerStats};

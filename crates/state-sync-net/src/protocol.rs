@@ -84,6 +84,12 @@ pub enum ClientMessage {
         /// Request id.
         id: u64,
     },
+    /// The hub's state: its topics the client may read, connections,
+    /// counters, and whether its storage fails.
+    Status {
+        /// Request id.
+        id: u64,
+    },
 }
 
 /// A secret, such as an access token: serialized as the plain string, but
@@ -196,6 +202,13 @@ pub enum ServerMessage {
         /// Request id.
         id: u64,
     },
+    /// The answer to `status`.
+    Status {
+        /// Request id.
+        id: u64,
+        /// What the hub reports.
+        status: HubStatus,
+    },
     /// A request failed, or (without `id`) the connection is being closed.
     Error {
         /// The request's id, when the error answers one.
@@ -206,6 +219,44 @@ pub enum ServerMessage {
         /// A human-readable explanation.
         message: String,
     },
+}
+
+/// A hub's state, from `status` ([`Client::hub_status`](crate::Client::hub_status),
+/// `statesync status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct HubStatus {
+    /// The server's name, as in `welcome`.
+    pub server_id: String,
+    /// Whether the hub keeps its topics in a storage shared with other
+    /// hubs (Redis, PostgreSQL).
+    pub shared_storage: bool,
+    /// `true` while the storage fails: writes answer `storage`, reads serve
+    /// the last known state, which on a shared storage may be stale.
+    pub stale: bool,
+    /// The open topics the asking client may read, by name.
+    pub topics: Vec<TopicStatus>,
+    /// Topics quarantined because their stored record is damaged (only
+    /// those the client may read).
+    pub damaged_topics: Vec<String>,
+    /// Connections, subscriptions and counters, over the whole server.
+    pub stats: crate::ServerStats,
+}
+
+/// One topic in a [`HubStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct TopicStatus {
+    /// The topic.
+    pub topic: Topic,
+    /// Its current revision.
+    pub revision: Revision,
+    /// Bytes of its JSON data.
+    pub bytes: usize,
+    /// Connections subscribed to it.
+    pub subscribers: usize,
 }
 
 /// A snapshot carried by an invalidation: `{revision, data}`.
@@ -468,8 +519,15 @@ pub(crate) struct Envelope {
     pub(crate) id: Option<u64>,
 }
 
-pub(crate) const CLIENT_MESSAGE_TYPES: &[&str] =
-    &["hello", "subscribe", "unsubscribe", "get", "set", "ping"];
+pub(crate) const CLIENT_MESSAGE_TYPES: &[&str] = &[
+    "hello",
+    "subscribe",
+    "unsubscribe",
+    "get",
+    "set",
+    "ping",
+    "status",
+];
 
 /// Encodes a server message.
 pub(crate) fn encode(message: &ServerMessage) -> Bytes {

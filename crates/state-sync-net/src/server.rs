@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 use crate::access::{AccessConfig, Grant};
 use crate::frames::{self, FrameError, FrameSink, FrameStream};
 use crate::protocol::{
-    self, CLIENT_MESSAGE_TYPES, ClientMessage, Envelope, ErrorCode, PROTOCOL_VERSION, Secret,
-    ServerMessage,
+    self, CLIENT_MESSAGE_TYPES, ClientMessage, Envelope, ErrorCode, HubStatus, PROTOCOL_VERSION,
+    Secret, ServerMessage, TopicStatus,
 };
 
 /// Limits and behaviour of a [`Server`].
@@ -129,12 +129,16 @@ impl Default for ServerConfig {
     }
 }
 
-/// Counters of a running server; from [`Server::stats`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counters of a running server; from [`Server::stats`], and in a
+/// [`HubStatus`] over the wire (camelCase keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct ServerStats {
     /// Open connections.
     pub connections: usize,
+    /// Subscriptions, over all connections.
+    pub subscriptions: usize,
     /// Invalidations waiting to be written, over all connections.
     pub pending_invalidations: usize,
     /// The most invalidations waiting on one connection (at most one per
@@ -391,34 +395,7 @@ impl Server {
     /// Counters and queue sizes.
     #[must_use]
     pub fn stats(&self) -> ServerStats {
-        let connections = lock(&self.shared.connections);
-        let pending: Vec<usize> = connections
-            .values()
-            .map(|c| lock(&c.pending).len())
-            .collect();
-        let c = &self.shared.counters;
-        ServerStats {
-            connections: connections.len(),
-            pending_invalidations: pending.iter().sum(),
-            max_pending_per_connection: pending.iter().copied().max().unwrap_or(0),
-            invalidations_sent: c.invalidations_sent.load(Ordering::Relaxed),
-            invalidation_frames_encoded: c.invalidation_frames_encoded.load(Ordering::Relaxed),
-            invalidations_coalesced: c.invalidations_coalesced.load(Ordering::Relaxed),
-            snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
-            snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
-            snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
-            snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
-            writes: c.writes.load(Ordering::Relaxed),
-            queued_bytes: self
-                .shared
-                .config
-                .max_queued_bytes
-                .min(Semaphore::MAX_PERMITS)
-                .saturating_sub(self.shared.queue_budget.available_permits()),
-            connections_refused: c.connections_refused.load(Ordering::Relaxed),
-            connections_closed_unwritable: c.connections_closed_unwritable.load(Ordering::Relaxed),
-            storage_failure: self.shared.hub.storage_failure(),
-        }
+        self.shared.stats()
     }
 
     /// Stops accepting connections, finishes the requests each connection
@@ -590,6 +567,82 @@ struct Fanout {
 }
 
 impl Shared {
+    fn stats(&self) -> ServerStats {
+        let (connections, pending) = {
+            let connections = lock(&self.connections);
+            let pending: Vec<usize> = connections
+                .values()
+                .map(|c| lock(&c.pending).len())
+                .collect();
+            (connections.len(), pending)
+        };
+        let c = &self.counters;
+        ServerStats {
+            connections,
+            subscriptions: lock(&self.fanouts)
+                .values()
+                .map(|fanout| lock(&fanout.members).len())
+                .sum(),
+            pending_invalidations: pending.iter().sum(),
+            max_pending_per_connection: pending.iter().copied().max().unwrap_or(0),
+            invalidations_sent: c.invalidations_sent.load(Ordering::Relaxed),
+            invalidation_frames_encoded: c.invalidation_frames_encoded.load(Ordering::Relaxed),
+            invalidations_coalesced: c.invalidations_coalesced.load(Ordering::Relaxed),
+            snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
+            snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
+            snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
+            snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            queued_bytes: self
+                .config
+                .max_queued_bytes
+                .min(Semaphore::MAX_PERMITS)
+                .saturating_sub(self.queue_budget.available_permits()),
+            connections_refused: c.connections_refused.load(Ordering::Relaxed),
+            connections_closed_unwritable: c.connections_closed_unwritable.load(Ordering::Relaxed),
+            storage_failure: self.hub.storage_failure(),
+        }
+    }
+
+    /// The hub's state as `grant` may see it: only topics it may read.
+    fn status(&self, grant: &Grant) -> HubStatus {
+        let subscribers: HashMap<Topic, usize> = lock(&self.fanouts)
+            .iter()
+            .map(|(topic, fanout)| (topic.clone(), lock(&fanout.members).len()))
+            .collect();
+        let mut topics: Vec<TopicStatus> = self
+            .hub
+            .topics()
+            .into_iter()
+            .filter(|topic| grant.can_read(topic))
+            .filter_map(|topic| {
+                let snapshot = self.hub.get_json(&topic).ok()?;
+                Some(TopicStatus {
+                    subscribers: subscribers.get(&topic).copied().unwrap_or(0),
+                    revision: snapshot.revision,
+                    bytes: snapshot.data.len(),
+                    topic,
+                })
+            })
+            .collect();
+        topics.sort_by(|a, b| a.topic.as_str().cmp(b.topic.as_str()));
+        let stats = self.stats();
+        HubStatus {
+            server_id: self.config.server_id.clone(),
+            shared_storage: self.hub.shares_storage(),
+            stale: stats.storage_failure.is_some(),
+            topics,
+            damaged_topics: self
+                .hub
+                .damaged_topics()
+                .into_iter()
+                .filter(|(topic, _)| grant.can_read(topic))
+                .map(|(topic, _)| topic.as_str().to_owned())
+                .collect(),
+            stats,
+        }
+    }
+
     /// Subscribes `connection` to `topic`'s invalidations.
     async fn join(
         &self,
@@ -1139,6 +1192,10 @@ impl Session {
                 "already said hello",
             ))),
             ClientMessage::Ping { id } => now(Ok(protocol::encode(&ServerMessage::Pong { id }))),
+            ClientMessage::Status { id } => now(Ok(protocol::encode(&ServerMessage::Status {
+                id,
+                status: self.shared.status(&self.grant),
+            }))),
             ClientMessage::Subscribe { id, topic, inline } => {
                 now(self.subscribe(id, &topic, inline).await)
             }

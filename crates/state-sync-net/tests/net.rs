@@ -96,6 +96,39 @@ async fn compare_and_set_conflicts_carry_the_current_revision() {
 }
 
 #[tokio::test]
+async fn status_reports_only_the_topics_a_client_may_read() {
+    let hub = Hub::in_memory();
+    let public = hub.json_topic("public:news").await.unwrap();
+    let revision = public.replace(json!({"headline": "hi"})).await.unwrap();
+    hub.json_topic("secret").await.unwrap();
+    let access = AccessConfig::open()
+        .with_client(ClientAccess::new("admin").read("*").write("*"))
+        .with_client(ClientAccess::new("reader").read("public:*"));
+    let (server, path, _dir) = served(hub, ServerConfig::default(), access).await;
+    let admin = Client::connect(
+        Endpoint::Unix(path.clone()),
+        options("admin").token("admin"),
+    );
+    let reader = Client::connect(Endpoint::Unix(path), options("reader").token("reader"));
+    let (_replica, _) = replica::<Value>(&reader, "public:news").await;
+
+    let seen = admin.hub_status().within_limit().await.unwrap();
+    let names: Vec<&str> = seen.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert_eq!(names, ["public:news", "secret"]);
+    assert_eq!(seen.topics[0].revision, revision);
+    assert_eq!(seen.topics[0].bytes, br#"{"headline":"hi"}"#.len());
+    assert_eq!(seen.topics[0].subscribers, 1);
+    assert_eq!(seen.stats.connections, 2);
+    assert_eq!(seen.stats.subscriptions, 1);
+    assert!(!seen.stale && !seen.shared_storage);
+
+    let seen = reader.hub_status().within_limit().await.unwrap();
+    let names: Vec<&str> = seen.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert_eq!(names, ["public:news"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn every_bad_input_gets_its_error_code_and_the_server_keeps_serving() {
     let hub = Hub::in_memory();
     let counter = hub.topic("counter", || 5u64).await.unwrap();

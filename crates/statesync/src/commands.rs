@@ -10,7 +10,7 @@ use state_sync::{RetryPolicy, Revision, SyncHandle, applier};
 use state_sync_hub::Hub;
 use state_sync_net::{
     AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
-    ErrorCode, Server,
+    ErrorCode, HubStatus, Server,
 };
 use state_sync_postgres::PostgresStorage;
 use state_sync_redis::RedisStorage;
@@ -359,6 +359,90 @@ pub(crate) async fn get(args: GetArgs) -> u8 {
         }
         Err(e) => fail(exit_code(&e), e),
     }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Print the status as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+pub(crate) async fn status(args: StatusArgs) -> u8 {
+    let client = match connect_once(&args.hub, "statesync-status").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.hub_status().await {
+        Ok(status) if args.json => match serde_json::to_string(&status) {
+            Ok(json) => {
+                say(json);
+                exit::OK
+            }
+            Err(e) => fail(exit::FAILURE, e),
+        },
+        Ok(status) => {
+            say(status_table(&status));
+            exit::OK
+        }
+        Err(e) => fail(exit_code(&e), e),
+    }
+}
+
+/// The status as a human reads it: a summary, then one line per topic.
+fn status_table(status: &HubStatus) -> String {
+    use std::fmt::Write;
+    let stats = &status.stats;
+    let storage = match (&stats.storage_failure, status.shared_storage) {
+        (Some(error), _) => format!("FAILING, reads may be stale: {error}"),
+        (None, true) => "shared, ok".to_owned(),
+        (None, false) => "ok".to_owned(),
+    };
+    let mut out = format!(
+        "hub {}: storage {storage}\n\
+         connections {}, subscriptions {}, writes {}\n\
+         invalidations sent {} (coalesced {}), snapshots sent {} (inlined {})\n",
+        status.server_id,
+        stats.connections,
+        stats.subscriptions,
+        stats.writes,
+        stats.invalidations_sent,
+        stats.invalidations_coalesced,
+        stats.snapshots_sent,
+        stats.snapshots_inlined,
+    );
+    let width = status
+        .topics
+        .iter()
+        .map(|t| t.topic.as_str().len())
+        .chain([5])
+        .max()
+        .unwrap_or(5);
+    let _ = writeln!(
+        out,
+        "\n{:<width$}  {:>16}  {:>9}  {:>11}",
+        "TOPIC", "REVISION", "BYTES", "SUBSCRIBERS"
+    );
+    for topic in &status.topics {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>16}  {:>9}  {:>11}",
+            topic.topic.as_str(),
+            topic.revision.to_string(),
+            topic.bytes,
+            topic.subscribers
+        );
+    }
+    for topic in &status.damaged_topics {
+        let _ = writeln!(
+            out,
+            "{topic:<width$}  damaged: quarantined, see the hub's log"
+        );
+    }
+    out.truncate(out.trim_end().len());
+    out
 }
 
 pub(crate) async fn set(args: SetArgs) -> u8 {

@@ -77,6 +77,12 @@ enum Command {
   statesync watch settings
   statesync watch settings cart --url ws://127.0.0.1:7700")]
     Watch(commands::WatchArgs),
+    /// Show the running hub: its topics (revision, size, subscribers),
+    /// connections, counters, and whether its storage fails.
+    #[command(after_help = "Examples:
+  statesync status
+  statesync status --json --url ws://127.0.0.1:7700")]
+    Status(commands::StatusArgs),
     /// One command, nothing to configure: a hub, replica processes, writers,
     /// a conflict and a hub restart, shown live; ends with a summary.
     #[command(after_help = "Examples:
@@ -200,6 +206,7 @@ fn main() -> ExitCode {
             Command::Get(args) => commands::get(args).await,
             Command::Set(args) => commands::set(args).await,
             Command::Watch(args) => commands::watch(args).await,
+            Command::Status(args) => commands::status(args).await,
             Command::Demo(args) => demo::run(args).await,
         }
     });

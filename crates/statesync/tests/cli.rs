@@ -220,7 +220,7 @@ fn the_demo_runs_to_completion_and_reports_convergence() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for command in ["serve", "get", "set", "watch", "demo"] {
+    for command in ["serve", "get", "set", "watch", "status", "demo"] {
         let out = statesync().args([command, "--help"]).output().unwrap();
         assert!(out.status.success());
         assert!(

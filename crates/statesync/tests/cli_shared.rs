@@ -170,3 +170,48 @@ fn the_demo_runs_on_postgres() {
     let postgres = PostgresServer::start();
     demo_on("STATESYNC_POSTGRES_URL", &postgres.config());
 }
+
+fn status_of(hub: &HubProcess) -> serde_json::Value {
+    let (code, out, err) = run(&["status", "--json"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn while_redis_is_down_status_marks_the_hub_stale_and_reads_keep_serving() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), &["--redis", &redis.url()]);
+    let (code, _, err) = run(&["set", "settings", r#"{"v":1}"#], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let status = status_of(&hub);
+    assert_eq!(status["sharedStorage"], true);
+    assert_eq!(status["stale"], false);
+    assert_eq!(status["topics"][0]["topic"], "settings");
+
+    redis.stop();
+    let (code, _, err) = run(&["set", "settings", r#"{"v":2}"#], &hub.socket);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("storage"), "{err}");
+    let (code, out, _) = run(&["get", "settings"], &hub.socket);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#""data":{"v":1}"#), "{out}");
+    let status = status_of(&hub);
+    assert_eq!(status["stale"], true, "{status}");
+    assert!(status["stats"]["storageFailure"].is_string(), "{status}");
+    let (code, table, _) = run(&["status"], &hub.socket);
+    assert_eq!(code, 0);
+    assert!(table.contains("FAILING, reads may be stale"), "{table}");
+
+    // Back: the next write succeeds and clears the mark.
+    redis.resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while run(&["set", "settings", r#"{"v":3}"#], &hub.socket).0 != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status_of(&hub)["stale"], false);
+}
