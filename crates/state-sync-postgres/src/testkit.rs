@@ -61,6 +61,17 @@ impl PostgresServer {
     ///
     /// When PostgreSQL is missing or does not start within 30 s.
     pub fn start() -> PostgresServer {
+        PostgresServer::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with more server settings
+    /// (`"name=value"`, each passed as `-c`), e.g.
+    /// `"shared_preload_libraries=pg_stat_statements"`.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(settings: &[&str]) -> PostgresServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         if is_root() {
@@ -102,6 +113,7 @@ impl PostgresServer {
             .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(dir.path())
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .args(settings.iter().flat_map(|setting| ["-c", setting]))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -125,6 +137,36 @@ impl PostgresServer {
             std::thread::sleep(Duration::from_millis(100));
         }
         server
+    }
+
+    /// Runs `sql` with `psql` as `postgres`; its unaligned output.
+    ///
+    /// # Panics
+    ///
+    /// When `psql` cannot run or the statement fails.
+    #[must_use]
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(bin("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The connection configuration.

@@ -1,15 +1,17 @@
-//! Load generator for several hubs on one Redis: 3 hubs × N replicas over
-//! Unix sockets, writes on every hub; cross-hub convergence latency, Redis
-//! commands per write, and commits/s under compare-and-set contention,
-//! next to one hub with as many replicas measured in the same run. One
-//! JSON line per figure.
+//! Load generator for several hubs on one engine (Redis or PostgreSQL): 3
+//! hubs × N replicas over Unix sockets, writes on every hub; cross-hub
+//! convergence latency, engine commands and reads per write, and commits/s
+//! under compare-and-set contention, next to one hub with as many replicas
+//! measured in the same run. One JSON line per figure.
 //!
 //! ```text
-//! cargo run --release -p statesync --example cluster_bench            # 300 replicas per hub
+//! cargo run --release -p statesync --example cluster_bench            # Redis, 300 replicas per hub
 //! cargo run --release -p statesync --example cluster_bench -- 100
+//! cargo run --release -p statesync --example cluster_bench -- 300 --postgres
 //! ```
 //!
-//! It starts its own `redis-server` (no persistence, free loopback port).
+//! It starts its own `redis-server` (no persistence, free loopback port) or
+//! PostgreSQL (with `pg_stat_statements`, to count statements).
 //! Each hub runs in a child process (this example, re-executed). Latency is
 //! measured per write from just before the writer sends `set` on hub A
 //! until every replica on the *other* hubs has applied that revision.
@@ -25,24 +27,28 @@ use state_sync_hub::Hub;
 use state_sync_net::{
     AccessConfig, Client, ClientError, ClientOptions, Endpoint, Server, ServerConfig,
 };
+use state_sync_postgres::PostgresStorage;
+use state_sync_postgres::testkit::PostgresServer;
 use state_sync_redis::RedisStorage;
 use state_sync_redis::testkit::RedisServer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const HUB_ENV: &str = "STATESYNC_CLUSTER_BENCH_HUB";
+const SOCKET_ENV: &str = "STATESYNC_CLUSTER_BENCH_SOCKET";
 const WRITES: usize = 200;
 const RATE_PER_SEC: u64 = 50;
 const CONTENTION_SECS: u64 = 3;
 
-/// The child: one hub on Redis (or in memory when the URL is `memory`),
-/// served on a Unix socket; prints the socket's path.
-async fn hub_child(spec: String) -> Result<(), BoxError> {
-    let (url, socket) = spec.split_once(' ').ok_or("spec")?;
-    let hub = if url == "memory" {
+/// The child: one hub on Redis, PostgreSQL, or in memory when the engine
+/// is `memory`, served on a Unix socket; prints the socket's path.
+async fn hub_child(engine: String, socket: String) -> Result<(), BoxError> {
+    let hub = if engine == "memory" {
         Hub::in_memory()
+    } else if engine.starts_with("redis://") {
+        Hub::new(RedisStorage::connect(&engine).await?)
     } else {
-        Hub::new(RedisStorage::connect(url).await?)
+        Hub::new(PostgresStorage::connect(&engine).await?)
     };
     hub.json_topic("bench").await?;
     hub.json_topic("contended").await?;
@@ -59,9 +65,10 @@ struct HubProcess {
 }
 
 impl HubProcess {
-    fn start(url: &str, socket: &std::path::Path) -> Result<Self, BoxError> {
+    fn start(engine: &str, socket: &std::path::Path) -> Result<Self, BoxError> {
         let mut child = Command::new(std::env::current_exe()?)
-            .env(HUB_ENV, format!("{url} {}", socket.display()))
+            .env(HUB_ENV, engine)
+            .env(SOCKET_ENV, socket)
             .stdout(Stdio::piped())
             .spawn()?;
         let mut line = String::new();
@@ -116,6 +123,47 @@ async fn replicas_on(
     Ok(all)
 }
 
+/// The shared engine under the three hubs.
+enum Engine {
+    Redis(RedisServer),
+    Postgres(PostgresServer),
+}
+
+impl Engine {
+    fn start(postgres: bool) -> Engine {
+        if postgres {
+            let server =
+                PostgresServer::start_with(&["shared_preload_libraries=pg_stat_statements"]);
+            server.psql("CREATE EXTENSION pg_stat_statements");
+            Engine::Postgres(server)
+        } else {
+            Engine::Redis(RedisServer::start())
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Redis(_) => "Redis",
+            Engine::Postgres(_) => "PostgreSQL",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Engine::Redis(server) => server.url(),
+            Engine::Postgres(server) => server.config(),
+        }
+    }
+
+    /// (commands from the hubs, reads of a topic's record), so far.
+    fn commands(&self) -> (u64, u64) {
+        match self {
+            Engine::Redis(server) => redis_commands(server),
+            Engine::Postgres(server) => postgres_statements(server),
+        }
+    }
+}
+
 /// Redis commands counted by `INFO commandstats`: (all calls from
 /// clients, follower reads). `commandstats` also counts what the commit
 /// script runs inside (its own `HMGET`, `HSET`, `SADD`, `PUBLISH`): those
@@ -151,6 +199,19 @@ fn redis_commands(redis: &RedisServer) -> (u64, u64) {
         all.saturating_sub(4 * scripts),
         reads.saturating_sub(scripts),
     )
+}
+
+/// PostgreSQL statements counted by `pg_stat_statements` (`BEGIN` and
+/// `COMMIT` included), except this function's own: (all, reads of a
+/// topic's record).
+fn postgres_statements(postgres: &PostgresServer) -> (u64, u64) {
+    let out = postgres.psql(
+        "SELECT coalesce(sum(calls), 0), \
+                coalesce(sum(calls) FILTER (WHERE query LIKE 'SELECT revision, data FROM%'), 0) \
+         FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%'",
+    );
+    let mut numbers = out.trim().split('|').map(|n| n.parse().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 /// Writes round-robin over `sockets`; returns p50, p99, max latency in ms
@@ -249,31 +310,34 @@ fn main() -> Result<(), BoxError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Ok(spec) = std::env::var(HUB_ENV) {
-        return runtime.block_on(hub_child(spec));
+    if let (Ok(engine), Ok(socket)) = (std::env::var(HUB_ENV), std::env::var(SOCKET_ENV)) {
+        return runtime.block_on(hub_child(engine, socket));
     }
-    let per_hub: usize = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let postgres = args.iter().any(|a| a == "--postgres");
+    let per_hub: usize = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(300);
     let limit = rlimit::increase_nofile_limit(16_384)?;
     eprintln!("open-file limit {limit}");
     let dir = tempfile::tempdir()?;
-    let redis = RedisServer::start();
+    let engine = Engine::start(postgres);
     runtime.block_on(async {
-        // Three hubs on Redis.
+        // Three hubs on the engine.
         let hubs: Vec<HubProcess> = (0..3)
-            .map(|i| HubProcess::start(&redis.url(), &dir.path().join(format!("hub-{i}.sock"))))
+            .map(|i| HubProcess::start(&engine.url(), &dir.path().join(format!("hub-{i}.sock"))))
             .collect::<Result<_, _>>()?;
         let sockets: Vec<_> = hubs.iter().map(|h| h.socket.clone()).collect();
         let mut groups = Vec::new();
         for socket in &sockets {
             groups.push(replicas_on(socket, per_hub).await?);
         }
-        let (commands_before, reads_before) = redis_commands(&redis);
+        let (commands_before, reads_before) = engine.commands();
         let cluster = latency(&sockets, &groups).await?;
-        let (commands_after, reads_after) = redis_commands(&redis);
+        let (commands_after, reads_after) = engine.commands();
         drop(groups);
         let cluster_commits = contention(&sockets).await?;
 
@@ -287,11 +351,11 @@ fn main() -> Result<(), BoxError> {
 
         let per_write = |a: u64, b: u64| ((a - b) as f64 / WRITES as f64 * 100.0).round() / 100.0;
         println!("{}", json!({
-            "setup": format!("3 hubs on Redis × {per_hub} replicas"),
+            "setup": format!("3 hubs on {} × {per_hub} replicas", engine.name()),
             "writes": WRITES, "rate_per_sec": RATE_PER_SEC, "document_bytes": 1000,
             "cross_hub_p50_ms": cluster[0], "cross_hub_p99_ms": cluster[1], "cross_hub_max_ms": cluster[2],
-            "redis_commands_per_write": per_write(commands_after, commands_before),
-            "redis_follower_reads_per_write": per_write(reads_after, reads_before),
+            "engine_commands_per_write": per_write(commands_after, commands_before),
+            "engine_reads_per_write": per_write(reads_after, reads_before),
             "cas_commits_per_sec": cluster_commits.round(),
         }));
         println!("{}", json!({
