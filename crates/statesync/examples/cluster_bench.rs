@@ -134,7 +134,7 @@ impl Engine {
         if postgres {
             let server =
                 PostgresServer::start_with(&["shared_preload_libraries=pg_stat_statements"]);
-            server.psql("CREATE EXTENSION pg_stat_statements");
+            let _ = server.psql("CREATE EXTENSION pg_stat_statements");
             Engine::Postgres(server)
         } else {
             Engine::Redis(RedisServer::start())
