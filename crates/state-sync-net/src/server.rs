@@ -227,6 +227,8 @@ struct Shared {
     unix_paths: Mutex<Vec<PathBuf>>,
     /// One hub subscription per topic, shared by the connections on it.
     fanouts: Mutex<HashMap<Topic, Fanout>>,
+    /// Served for `GET /` on WebSocket listeners.
+    web_page: Mutex<Option<Bytes>>,
     counters: Arc<Counters>,
 }
 
@@ -276,6 +278,7 @@ impl Server {
                 next_connection: AtomicU64::new(1),
                 unix_paths: Mutex::new(Vec::new()),
                 fanouts: Mutex::new(HashMap::new()),
+                web_page: Mutex::new(None),
                 counters: Arc::new(Counters::default()),
             }),
         }
@@ -338,6 +341,15 @@ impl Server {
         Ok(name.to_owned())
     }
 
+    /// Serves `html` to plain HTTP `GET /` requests on this server's
+    /// WebSocket listeners (the same port), e.g. a live view of the hub
+    /// built with the JavaScript client. Other paths get `404`. Without a
+    /// page, plain HTTP gets `400`. The page is public: it must hold no
+    /// secret and ask for the token itself.
+    pub fn serve_web_page(&self, html: impl Into<Bytes>) {
+        *lock(&self.shared.web_page) = Some(html.into());
+    }
+
     /// Listens for WebSocket connections on `addr` (text frames, one JSON
     /// message each). Returns the bound address.
     ///
@@ -365,9 +377,19 @@ impl Server {
             let shared = shared.clone();
             shared.tasks.clone().spawn(async move {
                 let upgrade = tokio::time::timeout(shared.config.handshake_timeout, async {
-                    if !is_websocket_upgrade(&stream).await {
-                        refuse_plain_http(stream, shared.config.write_timeout).await;
-                        return None;
+                    match classify_request(&stream).await {
+                        HttpRequest::Upgrade => {}
+                        HttpRequest::Broken => return None,
+                        HttpRequest::Plain {
+                            method,
+                            path,
+                            head_len,
+                        } => {
+                            let page = lock(&shared.web_page).clone();
+                            let limit = shared.config.write_timeout;
+                            answer_plain_http(stream, (method, path, head_len), page, limit).await;
+                            return None;
+                        }
                     }
                     Some(tokio_tungstenite::accept_async_with_config(stream, Some(ws_config)).await)
                 })
@@ -443,40 +465,105 @@ impl fmt::Debug for Server {
     }
 }
 
-/// Whether the request head waiting on `stream` asks for a WebSocket
-/// upgrade. Peeks, consuming nothing, until the head is complete (at most
-/// 8 KiB).
-async fn is_websocket_upgrade(stream: &tokio::net::TcpStream) -> bool {
+/// What a new connection on the WebSocket port asks for.
+enum HttpRequest {
+    /// A WebSocket upgrade: left unread for the handshake.
+    Upgrade,
+    /// A plain HTTP request; its head is `head_len` bytes.
+    Plain {
+        method: String,
+        path: String,
+        head_len: usize,
+    },
+    /// Closed, or no complete head within 8 KiB.
+    Broken,
+}
+
+/// Reads what the request head waiting on `stream` asks for. Peeks,
+/// consuming nothing, until the head is complete (at most 8 KiB).
+async fn classify_request(stream: &tokio::net::TcpStream) -> HttpRequest {
     let mut head = vec![0u8; 8192];
     loop {
         let n = match stream.peek(&mut head).await {
-            Ok(0) | Err(_) => return false,
+            Ok(0) | Err(_) => return HttpRequest::Broken,
             Ok(n) => n,
         };
         let seen = &head[..n];
-        let complete = seen.windows(4).any(|w| w == b"\r\n\r\n");
-        if complete || n == head.len() {
-            let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
-            return text.lines().any(|line| {
-                line.strip_prefix("upgrade:")
-                    .is_some_and(|v| v.trim() == "websocket")
-            });
+        let end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+        if end.is_none() && n < head.len() {
+            // Only part of the head has arrived; wait for more.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
         }
-        // Only part of the head has arrived; wait for more.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let text = String::from_utf8_lossy(seen).to_ascii_lowercase();
+        let upgrade = text.lines().any(|line| {
+            line.strip_prefix("upgrade:")
+                .is_some_and(|v| v.trim() == "websocket")
+        });
+        if upgrade {
+            return HttpRequest::Upgrade;
+        }
+        let Some(end) = end else {
+            return HttpRequest::Broken;
+        };
+        let request_line = String::from_utf8_lossy(&seen[..end]);
+        let mut parts = request_line.lines().next().unwrap_or("").split(' ');
+        return HttpRequest::Plain {
+            method: parts.next().unwrap_or("").to_owned(),
+            path: parts.next().unwrap_or("").to_owned(),
+            head_len: end + 4,
+        };
     }
 }
 
-/// Answers a plain HTTP request on the WebSocket port with a 400.
-async fn refuse_plain_http(mut stream: tokio::net::TcpStream, limit: Duration) {
-    use tokio::io::AsyncWriteExt;
-    const BODY: &str = "this port speaks the state-sync protocol over WebSocket\n";
-    let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
-        BODY.len()
+/// Answers a plain HTTP request on the WebSocket port: the web page (when
+/// the server has one) for `GET /`, else a short refusal.
+async fn answer_plain_http(
+    mut stream: tokio::net::TcpStream,
+    request: (String, String, usize),
+    page: Option<Bytes>,
+    limit: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (method, path, head_len) = request;
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body): (&str, &str, Bytes) = match (&page, method.as_str(), path) {
+        (Some(page), "GET" | "HEAD", "/" | "/index.html") => {
+            ("200 OK", "text/html; charset=utf-8", page.clone())
+        }
+        (Some(_), "GET" | "HEAD", _) => (
+            "404 Not Found",
+            "text/plain",
+            Bytes::from_static(b"not found: the page is at /\n"),
+        ),
+        (Some(_), _, _) => (
+            "405 Method Not Allowed",
+            "text/plain",
+            Bytes::from_static(b"only GET\n"),
+        ),
+        (None, _, _) => (
+            "400 Bad Request",
+            "text/plain",
+            Bytes::from_static(b"this port speaks the state-sync protocol over WebSocket\n"),
+        ),
+    };
+    // The page keeps to itself: no framing by other sites, no sniffing, no
+    // caching (it may show data), no referrer.
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nx-content-type-options: nosniff\r\n\
+         x-frame-options: DENY\r\nreferrer-policy: no-referrer\r\nconnection: close\r\n\r\n",
+        body.len()
     );
     let _ = tokio::time::timeout(limit, async {
-        stream.write_all(response.as_bytes()).await?;
+        // Consume the head: closing with unread bytes would reset the
+        // connection and lose the answer.
+        let mut consumed = vec![0u8; head_len];
+        stream.read_exact(&mut consumed).await?;
+        stream.write_all(head.as_bytes()).await?;
+        if method != "HEAD" {
+            stream.write_all(&body).await?;
+        }
         stream.shutdown().await
     })
     .await;

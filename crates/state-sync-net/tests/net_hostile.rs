@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use state_sync::Topic;
 use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync_hub::Hub;
-use state_sync_net::{AccessConfig, Client, Endpoint, Server, ServerConfig};
+use state_sync_net::{AccessConfig, Client, ClientOptions, Endpoint, Server, ServerConfig};
 use state_sync_storage::FileStorage;
 use state_sync_storage::conformance::FaultyStorage;
 
@@ -320,5 +320,53 @@ async fn websocket_invalid_utf8_closes_with_1007_and_plain_http_gets_400() {
     let _ = tokio::time::timeout(Duration::from_secs(10), http.read_to_end(&mut response)).await;
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    server.shutdown().await;
+}
+
+/// One plain HTTP request to `addr`; the whole response.
+async fn http_get(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut http = tokio::net::TcpStream::connect(addr).await.unwrap();
+    http.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), http.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn the_web_page_is_served_on_the_websocket_port_beside_the_protocol() {
+    let server = Server::new(Hub::in_memory());
+    server.serve_web_page("<!doctype html><title>hub</title>");
+    let addr = server.listen_websocket("127.0.0.1:0").await.unwrap();
+
+    let page = http_get(addr, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(
+        page.contains("content-type: text/html; charset=utf-8"),
+        "{page}"
+    );
+    assert!(page.contains("x-frame-options: DENY"), "{page}");
+    assert!(
+        page.ends_with("<!doctype html><title>hub</title>"),
+        "{page}"
+    );
+    let head = http_get(addr, "HEAD /?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK") && !head.contains("<title>"),
+        "{head}"
+    );
+    let missing = http_get(addr, "GET /../etc/passwd HTTP/1.1\r\n\r\n").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    let post = http_get(addr, "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+
+    // The protocol on the same port is unaffected.
+    let client = Client::connect(
+        Endpoint::WebSocket(format!("ws://{addr}")),
+        ClientOptions::new("beside-the-page"),
+    );
+    client.wait_connected().within_limit().await;
+    let revision = client.set_json("t", "1", None).await.unwrap();
+    assert_eq!(client.get_json("t").await.unwrap().0, revision);
     server.shutdown().await;
 }

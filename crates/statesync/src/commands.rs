@@ -57,6 +57,10 @@ pub(crate) struct ServeArgs {
     no_fsync: bool,
 }
 
+/// The hub's live view: one HTML page with the JavaScript client inlined,
+/// built by `npm run build` in `clients/js` (checked in CI).
+const LIVE_VIEW: &str = include_str!("../assets/live.html");
+
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     complain(format_args!("statesync: {message}"));
     code
@@ -196,6 +200,8 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
             format!("cannot listen on {main_endpoint}: {e}"),
         );
     }
+    // The live view, on the WebSocket port: built from clients/js.
+    server.serve_web_page(LIVE_VIEW);
     let websocket = match args.ws.as_ref().or(config.listen.websocket.as_ref()) {
         Some(addr) => match server.listen_websocket(addr.as_str()).await {
             Ok(addr) => Some(addr.to_string()),
@@ -220,6 +226,7 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
             Endpoint::Unix(path) => Some(path),
             _ => None,
         },
+        "live_view": websocket.as_ref().map(|addr| format!("http://{addr}/")),
         "websocket": websocket,
         "local": local,
         "topics": topics.iter().map(|t| t.as_str()).collect::<Vec<_>>(),

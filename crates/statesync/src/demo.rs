@@ -38,6 +38,10 @@ pub(crate) struct DemoArgs {
     /// it happen).
     #[arg(long, default_value_t = 15)]
     pace_ms: u64,
+    /// Keep the hubs running after the summary, until Ctrl-C, to look
+    /// around in the live view or with `statesync status`.
+    #[arg(long)]
+    keep_running: bool,
     /// With an engine: three hubs sharing it (the demo writes only the
     /// topic `statesync-demo:counter` there).
     #[command(flatten)]
@@ -90,11 +94,17 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
         Some(name) => println!("statesync demo — {hub_count} hubs sharing {name}"),
         None => println!("statesync demo — hub store in {}", dirs[0].display()),
     }
+    // The first hub also serves WebSocket and the live view, on a port
+    // that stays the same when it restarts.
+    let ws = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let ws = ws.to_string();
     let mut hubs = Vec::new();
-    for (dir, endpoint) in dirs.iter().zip(&endpoints) {
-        hubs.push(start_hub(&exe, dir, &engine).await?);
+    for (i, (dir, endpoint)) in dirs.iter().zip(&endpoints).enumerate() {
+        let ws = (i == 0).then_some(ws.as_str());
+        hubs.push(start_hub(&exe, dir, &engine, ws).await?);
         println!("hub listening on {endpoint}");
     }
+    println!("live view: http://{ws}/ (open it in a browser; no token needed)");
 
     let seen: Seen = Arc::new(Mutex::new(vec![BTreeMap::new(); args.replicas as usize]));
     let fetched = Arc::new(AtomicU64::new(0));
@@ -157,7 +167,8 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
             println!(
                 "\n*** hub killed (SIGKILL) after {progress} of {total} writes; restarting on {store}"
             );
-            hubs[victim] = start_hub(&exe, &dirs[victim], &engine).await?;
+            let victim_ws = (victim == 0).then_some(ws.as_str());
+            hubs[victim] = start_hub(&exe, &dirs[victim], &engine, victim_ws).await?;
             println!("*** hub back; writers and replicas reconnect and resync\n");
             restarted = true;
             drawn = false;
@@ -206,6 +217,13 @@ async fn demo(args: DemoArgs) -> Result<bool, Box<dyn std::error::Error>> {
 
     for replica in &mut replicas {
         let _ = replica.kill().await;
+    }
+    if args.keep_running {
+        println!(
+            "\nhubs still running (live view: http://{ws}/, socket {}); Ctrl-C stops them",
+            endpoints[0]
+        );
+        crate::platform::shutdown_signal().await;
     }
     for hub in &mut hubs {
         crate::platform::terminate(hub).await;
@@ -361,10 +379,12 @@ async fn start_hub(
     exe: &Path,
     dir: &Path,
     engine: &[(&str, String)],
+    ws: Option<&str>,
 ) -> Result<Child, Box<dyn std::error::Error>> {
     let mut child = Command::new(exe)
         .args(["serve", "--log", "error", "--data-dir"])
         .arg(dir)
+        .args(ws.map(|addr| ["--ws", addr]).into_iter().flatten())
         .envs(engine.iter().map(|(name, value)| (*name, value)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

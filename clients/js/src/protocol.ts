@@ -1,0 +1,57 @@
+/** The wire messages of docs/PROTOCOL.md, version 1. */
+
+export const PROTOCOL_VERSION = 1;
+
+/** `{revision, data}`: a topic's value at a revision. */
+export interface Snapshot<T = unknown> {
+  revision: string;
+  data: T;
+}
+
+/** "`topic` is now at `revision`" — the shape `@statesync/core` takes. */
+export interface InvalidationEvent {
+  topic: string;
+  revision: string;
+  sourceId?: string;
+}
+
+/** An invalidation as a hub sends it: maybe with the snapshot inline. */
+export interface Invalidation extends InvalidationEvent {
+  snapshot?: Snapshot;
+}
+
+/** The answer to a conditional `get` when the topic is not newer. */
+export interface NotModified {
+  notModified: true;
+  revision: string;
+}
+
+/** One topic in a hub's status. */
+export interface TopicStatus {
+  topic: string;
+  revision: string;
+  bytes: number;
+  subscribers: number;
+}
+
+/** What `status` reports (keys the client does not know are kept). */
+export interface HubStatus {
+  serverId: string;
+  sharedStorage: boolean;
+  stale: boolean;
+  topics: TopicStatus[];
+  damagedTopics: string[];
+  stats: { connections: number; subscriptions: number; writes: number; [key: string]: unknown };
+}
+
+export type ServerMessage =
+  | { type: "welcome"; version: number; serverId: string }
+  | { type: "invalidation"; topic: string; revision: string; sourceId?: string; snapshot?: Snapshot }
+  | { type: "subscribed"; id: number; topic: string; revision: string }
+  | { type: "snapshot"; id: number; topic: string; revision: string; data: unknown }
+  | { type: "notModified"; id: number; topic: string; revision: string }
+  | { type: "ok"; id: number; revision?: string }
+  | { type: "conflict"; id: number; topic: string; currentRevision: string }
+  | { type: "pong"; id: number }
+  | { type: "status"; id: number; status: HubStatus }
+  | { type: "error"; id?: number; code: string; message: string };
