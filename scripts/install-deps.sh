@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, unless it is already there: the system
-# libraries of Tauri's Linux backend (WebKitGTK), Node.js (JavaScript
-# tests), Redis and PostgreSQL (shared-storage tests). One `apt-get update`, then one `apt-get install`. Needs root for
+# libraries of Tauri's Linux backend (WebKitGTK), Node.js and npm
+# (JavaScript tests), Chromium (browser tests), Redis and PostgreSQL
+# (shared-storage tests). One `apt-get update`, then one `apt-get install`. Needs root for
 # apt-get.
 set -euo pipefail
 
@@ -11,6 +12,14 @@ if ! pkg-config --exists webkit2gtk-4.1 javascriptcoregtk-4.1 libsoup-3.0 gtk+-3
 fi
 if ! command -v node >/dev/null 2>&1; then
   missing+=(nodejs)
+fi
+# The JavaScript client's build and tests (clients/js).
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
+fi
+# ... and its browser tests, in a real Chromium.
+if ! command -v chromium >/dev/null 2>&1; then
+  missing+=(chromium)
 fi
 # The shared-storage tests start a real Redis.
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then

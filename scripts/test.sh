@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit, integration, property, multi-process
-# and doc tests. Installs what the tests need first (the system libraries of
+# and doc tests, then the JavaScript client's (Node and Chromium). Installs what the tests need first (the system libraries of
 # Tauri's Linux backend); cargo-nextest is used when present, plain
 # `cargo test` otherwise.
 set -euo pipefail
@@ -15,3 +15,5 @@ else
 fi
 # nextest does not run doctests.
 cargo test --workspace --all-features --doc
+# The JavaScript client, in Node and in Chromium.
+./scripts/test-js.sh

@@ -61,7 +61,7 @@ pub(crate) struct ServeArgs {
 /// built by `npm run build` in `clients/js` (checked in CI).
 const LIVE_VIEW: &str = include_str!("../assets/live.html");
 
-fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
+pub(crate) fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     complain(format_args!("statesync: {message}"));
     code
 }

@@ -1,5 +1,6 @@
 //! `statesync`: run a hub, read and write its topics, watch them replicate.
 
+mod bench;
 mod commands;
 mod config;
 mod demo;
@@ -83,6 +84,14 @@ enum Command {
   statesync status
   statesync status --json --url ws://127.0.0.1:7700")]
     Status(commands::StatusArgs),
+    /// Load generator: replicas follow a topic while a writer writes at a
+    /// steady rate; prints convergence p50/p99, CPU and bytes per write.
+    /// Against the hub named by the flags, or a temporary one.
+    #[command(after_help = "Examples:
+  statesync bench
+  statesync bench --clients 1000 --rate 50 --payload-bytes 16384
+  statesync bench --url ws://127.0.0.1:7700 --clients 200 --json")]
+    Bench(bench::BenchArgs),
     /// One command, nothing to configure: a hub, replica processes, writers,
     /// a conflict and a hub restart, shown live; ends with a summary.
     #[command(after_help = "Examples:
@@ -109,6 +118,17 @@ pub(crate) struct HubArgs {
     /// The data directory whose socket to use.
     #[arg(long, env = "STATESYNC_DATA_DIR")]
     data_dir: Option<PathBuf>,
+}
+
+impl HubArgs {
+    /// Whether a hub was named (flag or environment), rather than left to
+    /// the default data directory's socket.
+    pub(crate) fn names_a_hub(&self) -> bool {
+        self.socket.is_some()
+            || self.url.is_some()
+            || self.local.is_some()
+            || self.data_dir.is_some()
+    }
 }
 
 /// Where a token comes from; shared by `serve` (a token with full access,
@@ -207,6 +227,7 @@ fn main() -> ExitCode {
             Command::Set(args) => commands::set(args).await,
             Command::Watch(args) => commands::watch(args).await,
             Command::Status(args) => commands::status(args).await,
+            Command::Bench(args) => bench::run(args).await,
             Command::Demo(args) => demo::run(args).await,
         }
     });

@@ -220,7 +220,7 @@ fn the_demo_runs_to_completion_and_reports_convergence() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for command in ["serve", "get", "set", "watch", "status", "demo"] {
+    for command in ["serve", "get", "set", "watch", "status", "bench", "demo"] {
         let out = statesync().args([command, "--help"]).output().unwrap();
         assert!(out.status.success());
         assert!(
@@ -399,4 +399,54 @@ fn a_config_file_with_an_unknown_key_is_refused_naming_the_key() {
     assert!(err.contains("max_conections"), "{err}");
     assert!(err.contains("statesync.toml"), "{err}");
     assert!(!dir.path().join("hub.sock").exists());
+}
+
+#[test]
+fn bench_runs_on_a_temporary_hub_and_on_a_running_one() {
+    let out = statesync()
+        .args([
+            "bench",
+            "--clients",
+            "5",
+            "--writes",
+            "10",
+            "--rate",
+            "200",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["clients"], 5);
+    assert!(result["p99_ms"].as_f64().unwrap() >= result["p50_ms"].as_f64().unwrap());
+    // Five replicas, about 1 KiB each per write, inline.
+    let bytes = result["hub_snapshot_bytes_per_write"].as_f64().unwrap();
+    assert!((5.0 * 1024.0..5.0 * 1200.0).contains(&bytes), "{bytes}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), &["--ws", "127.0.0.1:0"]);
+    let (code, _, err) = run(&["set", "mine", "1"], &hub.socket);
+    assert_eq!(code, 0, "{err}");
+    let out = statesync()
+        .args(["bench", "--clients", "3", "--writes", "5", "--rate", "200"])
+        .args(["--url", hub.websocket.as_deref().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("p50") && table.contains("p99"), "{table}");
+    // Its own topic; the hub's others are untouched.
+    let (_, got, _) = run(&["get", "mine"], &hub.socket);
+    assert!(got.contains(r#""data":1"#), "{got}");
+    let (code, _, _) = run(&["get", "statesync-bench:doc"], &hub.socket);
+    assert_eq!(code, 0);
 }

@@ -1,0 +1,299 @@
+//! `statesync bench`: the load generator. N replicas (one connection each)
+//! follow one topic while a writer writes at a steady rate; reports
+//! convergence latency (from just before a write is sent until every
+//! replica applied it or a newer revision), the generator's CPU per write
+//! and the hub's bytes out per write.
+//!
+//! Against a running hub (`--socket`, `--url`, `--local`, `--data-dir`) or,
+//! without those, a temporary in-memory hub in this process.
+
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{Value, json};
+use state_sync::{RetryPolicy, Revision, SnapshotEnvelope, SyncHandle, applier};
+use state_sync_hub::Hub;
+use state_sync_net::{Client, Endpoint, Server};
+
+use crate::commands::{endpoint as hub_endpoint, fail, options};
+use crate::output::say;
+use crate::{HubArgs, exit};
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Replicas, one connection each.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    clients: u32,
+    /// Writes to make.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    writes: u32,
+    /// Writes per second.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rate: u32,
+    /// Size of each written document, in bytes (a JSON object around a
+    /// string of this length).
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    /// The topic written (default: one of its own, so a running hub's
+    /// topics are left alone).
+    #[arg(long, default_value = "statesync-bench:doc")]
+    topic: String,
+    /// For the temporary hub: `unix` or `websocket`.
+    #[arg(long, default_value = "unix", value_parser = ["unix", "websocket"])]
+    transport: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+/// Per replica: (revision, when applied).
+type Applied = Arc<Mutex<Vec<(Revision, Instant)>>>;
+
+pub(crate) async fn run(args: BenchArgs) -> u8 {
+    match bench(&args).await {
+        Ok(result) => {
+            if args.json {
+                say(result);
+            } else {
+                say(table(&result));
+            }
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+async fn bench(args: &BenchArgs) -> Result<Value, u8> {
+    // A temporary hub unless one was named.
+    let temporary = !args.hub.names_a_hub();
+    let dir = tempfile::tempdir().map_err(|e| fail(exit::FAILURE, e))?;
+    let (server, endpoint) = if temporary {
+        let hub = Hub::in_memory();
+        let server = Server::new(hub);
+        let endpoint = if args.transport == "websocket" {
+            let addr = server
+                .listen_websocket("127.0.0.1:0")
+                .await
+                .map_err(|e| fail(exit::FAILURE, e))?;
+            Endpoint::WebSocket(format!("ws://{addr}"))
+        } else {
+            crate::platform::listen(&server, &Endpoint::Unix(dir.path().join("bench.sock")))
+                .await
+                .map_err(|e| fail(exit::FAILURE, e))?;
+            Endpoint::Unix(dir.path().join("bench.sock"))
+        };
+        (Some(server), endpoint)
+    } else {
+        (None, hub_endpoint(&args.hub))
+    };
+    let options = |name: &str| options(&args.hub, name);
+    let writer = Client::connect(endpoint.clone(), options("statesync-bench-writer")?);
+    if tokio::time::timeout(Duration::from_secs(10), writer.wait_connected())
+        .await
+        .is_err()
+    {
+        return Err(fail(
+            exit::FAILURE,
+            format!("cannot reach the hub at {endpoint}"),
+        ));
+    }
+    let payload = "x".repeat(args.payload_bytes);
+    let document = |seq: u32| json!({"seq": seq, "payload": payload});
+    writer
+        .set(&args.topic, &document(0), None)
+        .await
+        .map_err(|e| fail(exit::FAILURE, e))?;
+
+    let progress = Progress::new(!args.json);
+    let mut replicas = Vec::with_capacity(args.clients as usize);
+    for i in 0..args.clients {
+        let client = Client::connect(endpoint.clone(), options(&format!("statesync-bench-{i}"))?);
+        let remote = client
+            .topic::<Value>(&args.topic)
+            .map_err(|e| fail(exit::BAD_INPUT, e))?;
+        let log: Applied = Arc::new(Mutex::new(Vec::with_capacity(args.writes as usize + 1)));
+        let record = log.clone();
+        let handle = SyncHandle::builder(
+            remote.topic().clone(),
+            remote.clone(),
+            remote,
+            applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+                if let Ok(mut log) = record.lock() {
+                    log.push((s.revision, Instant::now()));
+                }
+                Ok::<(), std::convert::Infallible>(())
+            }),
+        )
+        .retry(RetryPolicy::default().max_attempts(20).jitter(true))
+        .build();
+        match tokio::time::timeout(Duration::from_secs(30), handle.start()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(fail(
+                    exit::FAILURE,
+                    format!("replica {i} did not start: {}", state_sync::ErrorChain(&e)),
+                ));
+            }
+            Err(_) => {
+                return Err(fail(
+                    exit::FAILURE,
+                    format!("replica {i} did not start within 30 s"),
+                ));
+            }
+        }
+        replicas.push((client, handle, log));
+        progress.show(format_args!("replicas {}/{}", i + 1, args.clients));
+    }
+    let stats_before = writer.hub_status().await.ok();
+    let cpu_before = cpu_time();
+    let mut writes = Vec::with_capacity(args.writes as usize);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for seq in 1..=args.writes {
+        tick.tick().await;
+        let sent = Instant::now();
+        let revision = writer
+            .set(&args.topic, &document(seq), None)
+            .await
+            .map_err(|e| fail(exit::FAILURE, e))?;
+        writes.push((revision, sent));
+        progress.show(format_args!("writes {seq}/{}", args.writes));
+    }
+    let last = writes.last().map_or(Revision::ZERO, |w| w.0);
+    for (_, handle, _) in &replicas {
+        let reached = tokio::time::timeout(Duration::from_secs(60), handle.wait_for_revision(last));
+        if !matches!(reached.await, Ok(Ok(_))) {
+            return Err(fail(
+                exit::FAILURE,
+                "a replica did not converge within 60 s",
+            ));
+        }
+    }
+    let cpu = cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let stats_after = writer.hub_status().await.ok();
+    progress.done();
+
+    let mut latencies: Vec<Duration> = writes
+        .iter()
+        .map(|(revision, sent)| {
+            replicas
+                .iter()
+                .map(|(_, _, log)| {
+                    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                    log.iter()
+                        .find(|(r, _)| r >= revision)
+                        .map_or(Duration::MAX, |(_, at)| at.saturating_duration_since(*sent))
+                })
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    latencies.sort();
+    let at = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+    let per_write = |v: f64| (v / f64::from(args.writes) * 100.0).round() / 100.0;
+    let bytes_out = stats_before.zip(stats_after).map(|(before, after)| {
+        let sent = |s: &state_sync_net::HubStatus| {
+            s.stats.snapshot_bytes_sent + s.stats.snapshot_bytes_inlined
+        };
+        per_write((sent(&after) - sent(&before)) as f64)
+    });
+    for (_, handle, _) in replicas {
+        handle.stop().await;
+    }
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
+    Ok(json!({
+        "hub": if temporary { format!("temporary, in memory, {}", args.transport) } else { endpoint.to_string() },
+        "clients": args.clients,
+        "writes": args.writes,
+        "rate_per_sec": args.rate,
+        "payload_bytes": args.payload_bytes,
+        "p50_ms": ms(at(0.5)),
+        "p99_ms": ms(at(0.99)),
+        "max_ms": ms(at(1.0)),
+        "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
+        "hub_snapshot_bytes_per_write": bytes_out,
+    }))
+}
+
+fn table(result: &Value) -> String {
+    let show = |key: &str| match &result[key] {
+        Value::Null => "n/a".to_owned(),
+        other => other.to_string(),
+    };
+    format!(
+        "statesync bench: {} replicas on {}, {} writes of {} B at {}/s\n\
+         convergence (write sent → every replica applied): p50 {} ms, p99 {} ms, max {} ms\n\
+         client CPU per write: {} ms; hub snapshot bytes out per write: {}",
+        show("clients"),
+        result["hub"].as_str().unwrap_or("?"),
+        show("writes"),
+        show("payload_bytes"),
+        show("rate_per_sec"),
+        show("p50_ms"),
+        show("p99_ms"),
+        show("max_ms"),
+        show("client_cpu_ms_per_write"),
+        show("hub_snapshot_bytes_per_write"),
+    )
+}
+
+/// This process's CPU time, where the platform tells it.
+fn cpu_time() -> Option<Duration> {
+    cpu_time::ProcessTime::try_now()
+        .ok()
+        .map(|t| t.as_duration())
+}
+
+/// Progress on stderr, redrawn in place on a terminal.
+struct Progress {
+    on: bool,
+    terminal: bool,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            terminal: std::io::stderr().is_terminal(),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn show(&self, what: std::fmt::Arguments<'_>) {
+        if !self.on {
+            return;
+        }
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        // Every line on a terminal; once a second elsewhere (logs).
+        let due = self.terminal || last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+        if !due {
+            return;
+        }
+        *last = Some(Instant::now());
+        if self.terminal {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "{what}\x1b[K\r");
+            let _ = err.flush();
+        } else {
+            crate::output::complain(what);
+        }
+    }
+
+    fn done(&self) {
+        if self.on && self.terminal {
+            let _ = write!(std::io::stderr().lock(), "\x1b[K");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The JavaScript client (clients/js): install its pinned dev tools, build
+# it, check that the live view embedded in the CLI is the one it builds,
+# type-check, then run its tests — Node against a real `statesync serve`,
+# and real Chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build -p statesync
+export STATESYNC_BIN="$PWD/target/debug/statesync"
+cd clients/js
+npm ci --no-audit --no-fund --loglevel=error
+node scripts/build.mjs --check
+npm run typecheck --silent
+npm test
