@@ -108,3 +108,47 @@ test("a hub that closes the handshake with unsupported_version stops the client"
     await new Promise((resolve) => server.close(resolve));
   }
 });
+
+test("a replica keeps one fetch in flight and one queued, whatever the invalidations", async () => {
+  let gets = 0;
+  let revision = 1;
+  const hub = await fakeHub((socket) => {
+    socket.on("message", (raw) => {
+      const request = JSON.parse(String(raw));
+      if (request.type === "subscribe") {
+        socket.send(JSON.stringify({ type: "subscribed", id: request.id, topic: request.topic, revision: "1" }));
+      } else if (request.type === "get") {
+        gets += 1;
+        const at = String(revision);
+        // A slow hub: answers after 100 ms, with what it had when asked.
+        setTimeout(() => {
+          socket.send(JSON.stringify({ type: "snapshot", id: request.id, topic: request.topic, revision: at, data: Number(at) }));
+        }, 100);
+      }
+    });
+    // Once started, a burst of 50 invalidations (no inline snapshots).
+    setTimeout(() => {
+      for (let i = 0; i < 50; i++) {
+        revision += 1;
+        socket.send(JSON.stringify({ type: "invalidation", topic: "doc", revision: String(revision) }));
+      }
+    }, 200);
+  });
+  const client = connectHub({ url: hub.url, WebSocket });
+  try {
+    const replica = client.topic("doc", { inline: false });
+    const applied = [];
+    replica.subscribe((snapshot) => applied.push(Number(snapshot.revision)));
+    await replica.start();
+    assert.equal(gets, 1, "the initial fetch");
+    await waitFor(() => replica.revision === "51", 5_000, "the last revision");
+    // The burst's first invalidation starts one fetch; the other 49 queue
+    // one more, which is dropped: the fetch already brought revision 51.
+    assert.equal(gets, 2);
+    assert.deepEqual(applied, [...applied].sort((a, b) => a - b));
+    assert.equal(replica.current.data, 51);
+  } finally {
+    client.close();
+    await hub.close();
+  }
+});
