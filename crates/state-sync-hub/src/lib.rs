@@ -32,6 +32,7 @@
 
 mod error;
 mod hub;
+mod metrics;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod topic;

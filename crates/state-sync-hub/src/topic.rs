@@ -483,7 +483,14 @@ async fn commit_writes<T: TopicValue>(
         }
         let record = Record::new(revision, state.json.clone());
         offered.fetch_max(revision.get(), Ordering::AcqRel);
+        let started = std::time::Instant::now();
         let outcome = storage.store_if(&topic, *stored, &record).await;
+        let kind = match &outcome {
+            Ok(Stored::Committed) => "committed",
+            Ok(Stored::Conflict(_)) => "conflict",
+            Err(_) => "error",
+        };
+        crate::metrics::store_done(kind, started.elapsed());
         health.record(&outcome);
         match outcome {
             Ok(Stored::Committed) => {

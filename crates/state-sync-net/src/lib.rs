@@ -20,6 +20,7 @@ mod access;
 mod client;
 mod connection;
 mod frames;
+mod metrics;
 mod platform;
 pub mod protocol;
 mod server;

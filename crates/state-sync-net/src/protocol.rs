@@ -589,6 +589,7 @@ pub(crate) fn encode_invalidation(
 pub(crate) const MAX_ERROR_MESSAGE: usize = 512;
 
 pub(crate) fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    crate::metrics::error_sent(code.as_str());
     let mut message = message.into();
     if message.len() > MAX_ERROR_MESSAGE {
         let mut end = MAX_ERROR_MESSAGE;

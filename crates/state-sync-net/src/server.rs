@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::access::{AccessConfig, Grant};
 use crate::frames::{self, FrameError, FrameSink, FrameStream};
@@ -402,7 +403,11 @@ impl Server {
                 match upgrade {
                     Ok(Ok(socket)) => {
                         let (frames, sink) = frames::websocket(socket);
-                        serve(shared, frames, sink, peer.to_string()).await;
+                        let peer = Peer {
+                            transport: "websocket",
+                            address: peer.to_string(),
+                        };
+                        serve(shared, frames, sink, peer).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "websocket upgrade failed")
@@ -598,15 +603,33 @@ fn spawn_accept_loop<S: Send + 'static>(
 
 /// Serves a byte-stream connection (Unix or local socket) with
 /// length-delimited frames.
-fn serve_byte_stream<R, W>(shared: &Arc<Shared>, read: R, write: W, peer: &str)
+fn serve_byte_stream<R, W>(shared: &Arc<Shared>, read: R, write: W, transport: &'static str)
 where
     R: tokio::io::AsyncRead + Send + 'static,
     W: tokio::io::AsyncWrite + Send + 'static,
 {
     let (frames, sink) = frames::length_delimited(read, write, shared.config.max_frame_bytes);
+    let peer = Peer {
+        transport,
+        address: transport.to_owned(),
+    };
     shared
         .tasks
-        .spawn(serve(shared.clone(), frames, sink, peer.to_owned()));
+        .spawn(serve(shared.clone(), frames, sink, peer));
+}
+
+/// Where a connection comes from: its transport (a metrics label) and,
+/// for logs, its address.
+#[derive(Clone)]
+struct Peer {
+    transport: &'static str,
+    address: String,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.address)
+    }
 }
 
 /// One connection's outgoing invalidation frames: the newest per topic.
@@ -632,6 +655,7 @@ impl Connection {
             counters
                 .invalidations_coalesced
                 .fetch_add(1, Ordering::Relaxed);
+            crate::metrics::invalidation_coalesced();
         }
         self.wake.notify_one();
     }
@@ -876,13 +900,14 @@ async fn send_and_close(sink: &mut FrameSink, frame: Bytes, limit: Duration) {
 /// Runs one connection: handshake, then requests until the peer leaves,
 /// goes idle, breaks framing, cannot be written to, or the server shuts
 /// down.
-async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink, peer: String) {
+async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink, peer: Peer) {
     let write_timeout = shared.config.write_timeout;
     let Some(_slot) = ConnectionSlot::take(&shared) else {
         shared
             .counters
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
+        crate::metrics::connection_refused();
         tracing::warn!(%peer, limit = shared.config.max_connections, "connection refused: too many connections");
         let busy = protocol::error(
             None,
@@ -892,7 +917,7 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
         send_and_close(&mut sink, busy, write_timeout).await;
         return;
     };
-    let (client_id, grant) = match handshake(&shared, &mut frames, &peer).await {
+    let (client_id, grant) = match handshake(&shared, &mut frames, &peer.address).await {
         Ok(accepted) => accepted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
@@ -917,25 +942,39 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
         wake: Notify::new(),
     });
     lock(&shared.connections).insert(id, connection.clone());
+    crate::metrics::connection_opened(peer.transport);
     tracing::debug!(connection = id, %peer, %client_id, "client connected");
 
     // Closed by the writer when the connection cannot be written to.
     let unwritable = CancellationToken::new();
     let (answers, queue) = mpsc::channel(shared.config.max_requests_in_flight.max(1) * 2);
-    let writer = tokio::spawn(write_loop(
-        shared.clone(),
-        connection.clone(),
-        sink,
-        queue,
-        unwritable.clone(),
-        peer.clone(),
-    ));
+    // Every log line of this connection, its requests' included, carries
+    // who it is: one client's trouble can be followed.
+    let span = tracing::info_span!(
+        "connection",
+        connection = id,
+        transport = peer.transport,
+        peer = %peer,
+        client = %client_id,
+    );
+    let writer = tokio::spawn(
+        write_loop(
+            shared.clone(),
+            connection.clone(),
+            sink,
+            queue,
+            unwritable.clone(),
+            peer.clone(),
+        )
+        .instrument(span.clone()),
+    );
     let mut session = Session {
         shared: shared.clone(),
         id,
         connection,
         grant,
         client_id,
+        transport: peer.transport,
         subscriptions: HashSet::new(),
         answers,
         budget: Arc::new(Semaphore::new(
@@ -946,16 +985,21 @@ async fn serve(shared: Arc<Shared>, mut frames: FrameStream, mut sink: FrameSink
         )),
         unwritable,
     };
-    let goodbye = session.read_loop(&mut frames).await;
+    let goodbye = session
+        .read_loop(&mut frames)
+        .instrument(span.clone())
+        .await;
     for topic in &session.subscriptions {
         shared.leave(topic, id);
     }
+    crate::metrics::subscriptions_changed(peer.transport, -(session.subscriptions.len() as f64));
     if let Some(goodbye) = goodbye {
         session.queue(goodbye).await;
     }
     drop(session);
     let _ = writer.await;
     lock(&shared.connections).remove(&id);
+    crate::metrics::connection_closed(peer.transport);
     tracing::debug!(connection = id, %peer, "client disconnected");
 }
 
@@ -1050,7 +1094,7 @@ async fn write_loop(
     mut sink: FrameSink,
     mut answers: mpsc::Receiver<Queued>,
     unwritable: CancellationToken,
-    peer: String,
+    peer: Peer,
 ) {
     let counters = &shared.counters;
     let limit = shared.config.write_timeout;
@@ -1059,7 +1103,10 @@ async fn write_loop(
         let result = tokio::select! {
             biased;
             answer = answers.recv() => match answer {
-                Some(queued) => send_within(&mut sink, queued.frame, limit).await,
+                Some(queued) => {
+                    crate::metrics::bytes_out(peer.transport, queued.frame.len());
+                    send_within(&mut sink, queued.frame, limit).await
+                }
                 None => break,
             },
             () = connection.wake.notified() => {
@@ -1067,6 +1114,8 @@ async fn write_loop(
                 let written = async {
                     for Pending { frame, inlined } in batch.drain(..) {
                         counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::invalidation_sent(inlined);
+                        crate::metrics::bytes_out(peer.transport, frame.len());
                         if inlined > 0 {
                             counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
                             counters
@@ -1102,6 +1151,8 @@ struct Session {
     connection: Arc<Connection>,
     grant: Grant,
     client_id: String,
+    /// The metrics label of the connection's transport.
+    transport: &'static str,
     subscriptions: HashSet<Topic>,
     answers: mpsc::Sender<Queued>,
     /// Room for this connection's queued answers, in bytes.
@@ -1252,13 +1303,30 @@ impl Session {
                     }
                 }
             }
-            let handled = self.handle(message).await;
+            let kind = message_kind(&message);
+            let span = tracing::debug_span!(
+                "request",
+                id = message_id(&message),
+                kind,
+                topic = message_topic(&message),
+            );
+            let started = Instant::now();
+            let handled = self.handle(message).instrument(span.clone()).await;
             if let Some(topic) = &handled.topic {
                 *busy.entry(topic.clone()).or_default() += 1;
             }
             let topic = handled.topic;
             let answer = handled.answer;
-            in_flight.push_back(Box::pin(async move { (topic, answer.await) }));
+            in_flight.push_back(Box::pin(
+                async move {
+                    let answer = answer.await;
+                    let elapsed = started.elapsed();
+                    crate::metrics::request_done(kind, elapsed);
+                    tracing::debug!(elapsed_us = elapsed.as_micros() as u64, "answered");
+                    (topic, answer)
+                }
+                .instrument(span),
+            ));
         }
     }
 
@@ -1339,7 +1407,9 @@ impl Session {
             .join(&topic, self.id, member)
             .await
             .map_err(|e| protocol::error(Some(id), ErrorCode::UnknownTopic, e.to_string()))?;
-        self.subscriptions.insert(topic.clone());
+        if self.subscriptions.insert(topic.clone()) {
+            crate::metrics::subscriptions_changed(self.transport, 1.0);
+        }
         Ok(protocol::encode(&ServerMessage::Subscribed {
             id,
             topic,
@@ -1351,6 +1421,7 @@ impl Session {
         let topic = parse_topic(id, topic)?;
         if self.subscriptions.remove(&topic) {
             self.shared.leave(&topic, self.id);
+            crate::metrics::subscriptions_changed(self.transport, -1.0);
         }
         lock(&self.connection.pending).remove(&topic);
         Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
@@ -1384,6 +1455,7 @@ impl Session {
         }
         let counters = &self.shared.counters;
         counters.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::snapshot_sent();
         counters
             .snapshot_bytes_sent
             .fetch_add(snapshot.data.len() as u64, Ordering::Relaxed);
@@ -1434,6 +1506,32 @@ impl Handled {
 }
 
 /// The topic a request concerns, for per-topic ordering.
+/// The request id, for the request's span.
+fn message_id(message: &ClientMessage) -> Option<u64> {
+    match message {
+        ClientMessage::Hello { .. } => None,
+        ClientMessage::Subscribe { id, .. }
+        | ClientMessage::Unsubscribe { id, .. }
+        | ClientMessage::Get { id, .. }
+        | ClientMessage::Set { id, .. }
+        | ClientMessage::Ping { id }
+        | ClientMessage::Status { id } => Some(*id),
+    }
+}
+
+/// The request type, as a metrics label.
+fn message_kind(message: &ClientMessage) -> &'static str {
+    match message {
+        ClientMessage::Hello { .. } => "hello",
+        ClientMessage::Subscribe { .. } => "subscribe",
+        ClientMessage::Unsubscribe { .. } => "unsubscribe",
+        ClientMessage::Get { .. } => "get",
+        ClientMessage::Set { .. } => "set",
+        ClientMessage::Ping { .. } => "ping",
+        ClientMessage::Status { .. } => "status",
+    }
+}
+
 fn message_topic(message: &ClientMessage) -> Option<&str> {
     match message {
         ClientMessage::Subscribe { topic, .. }

@@ -51,6 +51,7 @@ use tokio::time::Instant;
 use crate::applier::Applier;
 use crate::backoff::RetryPolicy;
 use crate::error::{BoxError, Error, ErrorContext, Phase, Result, Stopped};
+use crate::metrics::ReplicaMetrics;
 use crate::protocol::{InvalidationEvent, ProtocolError, SnapshotEnvelope};
 use crate::provider::{FetchError, FetchRequest, Fetched, Provider};
 use crate::revision::Revision;
@@ -225,6 +226,7 @@ where
             waiters: AtomicUsize::new(0),
         });
         let engine = Engine {
+            metrics: ReplicaMetrics::new(&gate.topic),
             gate,
             subscriber: self.subscriber,
             provider: self.provider,
@@ -557,6 +559,7 @@ struct Engine<S, P: Provider, A> {
     wake_worker: Arc<Notify>,
     /// Set once the worker task is spawned (at the first `start`).
     worker_parked: OnceLock<()>,
+    metrics: ReplicaMetrics,
 }
 
 impl<S, P: Provider, A> Drop for Engine<S, P, A> {
@@ -619,6 +622,7 @@ where
     }
 
     fn report(&self, error: &Error) {
+        self.metrics.failed(error.phase(), error.will_retry());
         // `Display` already ends with the cause.
         tracing::warn!(
             topic = %error.topic(),
@@ -878,6 +882,7 @@ where
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            self.metrics.fetched();
             let fetch =
                 AssertUnwindSafe(async { self.provider.fetch(&request).await }).catch_unwind();
             let fetched = tokio::select! {
@@ -955,6 +960,7 @@ where
         let failure: BoxError = match applied {
             Ok(Ok(())) => {
                 self.gate.record_applied(revision);
+                self.metrics.applied();
                 std::sync::atomic::fence(Ordering::SeqCst);
                 if self.gate.waiters.load(Ordering::SeqCst) > 0 {
                     self.revision_changed.notify_waiters();

@@ -60,6 +60,7 @@ mod backoff;
 mod engine;
 mod error;
 mod memory;
+mod metrics;
 mod protocol;
 mod provider;
 mod revision;

@@ -44,6 +44,10 @@ pub(crate) struct ServeArgs {
     /// abstract socket on Linux; no file permissions: use tokens).
     #[arg(long, value_name = "NAME")]
     local: Option<String>,
+    /// Serve Prometheus metrics at `/metrics` and a health check at
+    /// `/healthz` on this address, e.g. `127.0.0.1:9100`.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Access rules: a TOML file with `[[clients]]` entries (token, read,
     /// write patterns).
     #[arg(long, env = "STATESYNC_ACCESS")]
@@ -161,6 +165,16 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         },
         None => ServeConfig::default(),
     };
+    // Before anything that reports: the libraries register their counters
+    // with the recorder at first use.
+    let metrics_addr = args.metrics.clone().or(config.listen.metrics.clone());
+    let recorder = match &metrics_addr {
+        Some(_) => match crate::metrics_endpoint::install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(e) => return fail(exit::FAILURE, format!("cannot record metrics: {e}")),
+        },
+        None => None,
+    };
     let data_dir = args
         .data_dir
         .clone()
@@ -220,8 +234,18 @@ pub(crate) async fn serve(args: ServeArgs) -> u8 {
         }
         local.push(name.clone());
     }
+    let metrics = match (metrics_addr, recorder) {
+        (Some(addr), Some(handle)) => {
+            match crate::metrics_endpoint::serve(&addr, handle, server.clone()).await {
+                Ok(bound) => Some(format!("http://{bound}/metrics")),
+                Err(e) => return fail(exit::FAILURE, format!("cannot listen on {addr}: {e}")),
+            }
+        }
+        _ => None,
+    };
     let ready = serde_json::json!({
         "event": "listening",
+        "metrics": metrics,
         "socket": match &main_endpoint {
             Endpoint::Unix(path) => Some(path),
             _ => None,

@@ -50,6 +50,8 @@ pub(crate) struct ListenConfig {
     pub(crate) websocket: Option<String>,
     /// `--local`.
     pub(crate) local: Option<String>,
+    /// `--metrics`.
+    pub(crate) metrics: Option<String>,
 }
 
 /// `[access]`: who may do what.

@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod config;
 mod demo;
+mod metrics_endpoint;
 mod output;
 mod platform;
 
@@ -206,6 +207,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(&cli.log))
         .with_writer(std::io::stderr)
+        // Colours only for a terminal, not for log files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Its report of a failed write is an `eprintln!`, which panics on
         // the same broken stderr: logging must never stop serving.
         .log_internal_errors(false)

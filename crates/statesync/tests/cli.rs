@@ -450,3 +450,128 @@ fn bench_runs_on_a_temporary_hub_and_on_a_running_one() {
     let (code, _, _) = run(&["get", "statesync-bench:doc"], &hub.socket);
     assert_eq!(code, 0);
 }
+
+/// The value of the sample `series` (name and labels, as printed) in a
+/// Prometheus text scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[test]
+fn metrics_and_health_are_served_for_a_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = statesync()
+        .args([
+            "serve",
+            "--log",
+            "warn",
+            "--metrics",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let ready: Value = serde_json::from_str(&first).unwrap();
+    let metrics_url = ready["metrics"].as_str().unwrap().to_owned();
+    let socket = std::path::PathBuf::from(ready["socket"].as_str().unwrap());
+
+    let (code, out, _) = run(&["set", "settings", r#"{"theme":"dark"}"#], &socket);
+    assert_eq!(code, 0);
+    let revision =
+        Revision::from_json_value(&serde_json::from_str::<Value>(&out).unwrap()["revision"])
+            .unwrap();
+    let watcher = Watcher::start(&socket, &["settings"]);
+    watcher.wait_for("settings", revision);
+    let (code, _, _) = run(&["get", "missing"], &socket);
+    assert_eq!(code, 4);
+    let (code, _, _) = run(&["set", "settings", r#"{"theme":"light"}"#], &socket);
+    assert_eq!(code, 0);
+
+    let scrape = ureq::get(&metrics_url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let at_least = |series: &str, min: f64| {
+        let value = sample(&scrape, series).unwrap_or_else(|| panic!("no {series} in\n{scrape}"));
+        assert!(value >= min, "{series} = {value}, expected at least {min}");
+    };
+    at_least(r#"statesync_connections{transport="unix"}"#, 1.0);
+    at_least(r#"statesync_subscriptions{transport="unix"}"#, 1.0);
+    at_least(
+        r#"statesync_connections_opened_total{transport="unix"}"#,
+        4.0,
+    );
+    at_least(
+        r#"statesync_request_duration_seconds_count{type="set"}"#,
+        2.0,
+    );
+    at_least(
+        r#"statesync_request_duration_seconds_count{type="subscribe"}"#,
+        1.0,
+    );
+    at_least(r#"statesync_errors_total{code="unknown_topic"}"#, 1.0);
+    at_least("statesync_store_commit_duration_seconds_count", 2.0);
+    at_least("statesync_store_commits_total", 2.0);
+    at_least("statesync_invalidations_sent_total", 1.0);
+    at_least(r#"statesync_bytes_out_total{transport="unix"}"#, 100.0);
+    at_least("statesync_writes_total", 2.0);
+    assert_eq!(sample(&scrape, "statesync_topics"), Some(1.0));
+    assert_eq!(sample(&scrape, "statesync_storage_up"), Some(1.0));
+    assert!(scrape.contains(r#"statesync_request_duration_seconds_bucket{type="set",le="0.005"}"#));
+    // The watcher is a replica built with the engine: its counters too.
+    let health_url = metrics_url.replace("/metrics", "/healthz");
+    let health: Value = serde_json::from_str(
+        &ureq::get(&health_url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(health["status"], "ok");
+    drop(watcher);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn debug_logs_carry_the_connection_and_the_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("hub.log");
+    let hub = HubProcess::start_with(
+        dir.path(),
+        &["--log", "state_sync_net=debug"],
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    let (code, _, _) = run(&["set", "traced", "1"], &hub.socket);
+    assert_eq!(code, 0);
+    drop(hub);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|line| line.contains("answered") && line.contains("kind=\"set\""))
+        .unwrap_or_else(|| panic!("no answered set in\n{text}"));
+    for part in [
+        "connection{",
+        "transport=\"unix\"",
+        "client=statesync-set",
+        "request{",
+        "topic=\"traced\"",
+    ] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+}
