@@ -233,7 +233,7 @@ impl<T> fmt::Debug for CacheBuilder<T> {
 ///
 /// [`restore`](Self::restore) applies the cached snapshot to the replica's
 /// applier and returns its revision, to seed the engine's revision gate
-/// ([`initial_revision`](state_sync::Builder::initial_revision)): the
+/// ([`initial_revision`](state_sync::SyncHandleBuilder::initial_revision)): the
 /// engine's first fetch is then conditional and applies only a newer
 /// snapshot. [`wrap`](Self::wrap) makes an applier that stages every applied
 /// snapshot; the cache's saver task writes the latest one, as often as the
@@ -255,7 +255,7 @@ impl<T> fmt::Debug for CacheBuilder<T> {
 ///
 /// let cache = SnapshotCache::builder(topic.clone(), storage.clone()).build();
 /// let cached = cache.restore(&tx).await?; // None on the first run
-/// let mut builder = SyncHandle::builder(topic, source.clone(), source.clone(), cache.wrap(tx));
+/// let mut builder = SyncHandle::builder(source.clone(), cache.wrap(tx));
 /// if let Some(revision) = cached {
 ///     builder = builder.initial_revision(revision);
 /// }
@@ -405,7 +405,7 @@ where
     }
 
     /// Loads the cached snapshot and applies it to `applier`; returns its
-    /// revision, for [`initial_revision`](state_sync::Builder::initial_revision).
+    /// revision, for [`initial_revision`](state_sync::SyncHandleBuilder::initial_revision).
     ///
     /// # Errors
     ///

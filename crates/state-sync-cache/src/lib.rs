@@ -4,7 +4,7 @@
 //!
 //! - [`SnapshotCache::restore`] applies the cached snapshot and returns its
 //!   revision, which seeds the engine's revision gate
-//!   ([`initial_revision`](state_sync::Builder::initial_revision)); the
+//!   ([`initial_revision`](state_sync::SyncHandleBuilder::initial_revision)); the
 //!   first fetch then applies only a newer snapshot.
 //! - [`SnapshotCache::wrap`] makes an applier that stages every applied
 //!   snapshot; a saver task writes the newest one, with debounce, throttle

@@ -52,7 +52,7 @@ async fn replica_run(
     let recorder = Recorder::with_data();
     let cache = SnapshotCache::builder(topic(), storage.clone()).build();
     let cached = cache.restore(&recorder).await.unwrap();
-    let mut builder = SyncHandle::builder(
+    let mut builder = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),

@@ -131,7 +131,7 @@ type Slot = Arc<OnceCell<Arc<dyn RawTopic>>>;
 /// // An in-process replica.
 /// let (tx, rx) = tokio::sync::watch::channel(Settings::default());
 /// let replica =
-///     SyncHandle::builder(settings.topic().clone(), settings.clone(), settings.clone(), tx).build();
+///     SyncHandle::builder(settings.clone(), tx).build();
 /// replica.start().await?;
 ///
 /// let revision = settings.update(|s| Settings { theme: "dark".into(), ..s.clone() }).await?;

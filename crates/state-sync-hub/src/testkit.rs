@@ -29,7 +29,7 @@ async fn counter(hub: &Hub, name: &str) -> HubTopic<u64> {
 
 async fn replica(topic: &HubTopic<u64>) -> (SyncHandle, Recorder<u64>) {
     let recorder = Recorder::with_data();
-    let handle = SyncHandle::builder(
+    let handle = SyncHandle::from_parts(
         topic.topic().clone(),
         topic.clone(),
         topic.clone(),

@@ -793,6 +793,12 @@ impl<T: TopicValue> HubTopic<T> {
     }
 }
 
+impl<T: TopicValue> state_sync::Source for HubTopic<T> {
+    fn topic(&self) -> &Topic {
+        HubTopic::topic(self)
+    }
+}
+
 impl<T: TopicValue> Subscriber for HubTopic<T> {
     fn subscribe(
         &self,

@@ -382,13 +382,7 @@ async fn in_process_replicas_follow_with_conditional_fetch() {
     let hub = Hub::in_memory();
     let settings = hub.topic("settings", Settings::default).await.unwrap();
     let (tx, rx) = tokio::sync::watch::channel(Settings::default());
-    let replica = SyncHandle::builder(
-        settings.topic().clone(),
-        settings.clone(),
-        settings.clone(),
-        tx,
-    )
-    .build();
+    let replica = SyncHandle::builder(settings.clone(), tx).build();
     replica.start().await.unwrap();
     assert_eq!(replica.local_revision(), settings.revision());
 

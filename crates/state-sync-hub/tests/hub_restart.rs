@@ -83,7 +83,7 @@ async fn replicas(link: &Arc<Link>, n: usize) -> Vec<(SyncHandle, Recorder<u64>)
         let recorder = Recorder::with_data();
         let topic = link.current().topic().clone();
         let handle =
-            SyncHandle::builder(topic, link.clone(), link.clone(), recorder.clone()).build();
+            SyncHandle::from_parts(topic, link.clone(), link.clone(), recorder.clone()).build();
         handle.start().await.unwrap();
         out.push((handle, recorder));
     }

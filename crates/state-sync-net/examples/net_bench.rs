@@ -144,9 +144,7 @@ async fn run(
         let log: Applied = Arc::new(Mutex::new(Vec::with_capacity(WRITES + 1)));
         let record = log.clone();
         let handle = SyncHandle::builder(
-            remote.topic().clone(),
             remote.clone(),
-            remote,
             applier::from_fn(move |s: SnapshotEnvelope<Value>| {
                 if let Ok(mut log) = record.lock() {
                     log.push((s.revision, Instant::now()));

@@ -777,6 +777,12 @@ impl<T> fmt::Debug for RemoteTopic<T> {
     }
 }
 
+impl<T: DeserializeOwned + Send + Sync + 'static> state_sync::Source for RemoteTopic<T> {
+    fn topic(&self) -> &Topic {
+        &self.topic
+    }
+}
+
 impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
     async fn subscribe(
         &self,

@@ -104,14 +104,9 @@ async fn handles_joining_a_failing_subscribe_fail_too_and_a_retry_subscribes() {
     let handle = |client: &Client| {
         let remote = client.topic::<Value>("late").unwrap();
         let recorder = Recorder::with_data();
-        let handle = SyncHandle::builder(
-            remote.topic().clone(),
-            remote.clone(),
-            remote,
-            recorder.clone(),
-        )
-        .retry(RetryPolicy::none())
-        .build();
+        let handle = SyncHandle::builder(remote.clone(), recorder.clone())
+            .retry(RetryPolicy::none())
+            .build();
         (handle, recorder)
     };
     let (a, _) = handle(&client);
@@ -166,15 +161,8 @@ async fn a_cancelled_subscribe_lets_the_next_handle_subscribe() {
     let client = Client::connect(Endpoint::Unix(path), quick("c", u32::MAX));
     client.wait_connected().within_limit().await;
     let remote = client.topic::<u64>("t").unwrap();
-    let start = |recorder: &Recorder<u64>| {
-        SyncHandle::builder(
-            remote.topic().clone(),
-            remote.clone(),
-            remote.clone(),
-            recorder.clone(),
-        )
-        .build()
-    };
+    let start =
+        |recorder: &Recorder<u64>| SyncHandle::builder(remote.clone(), recorder.clone()).build();
     let first = start(&Recorder::with_data());
     let cancelled = tokio::time::timeout(Duration::from_millis(200), first.start()).await;
     assert!(cancelled.is_err(), "the unanswered subscribe hangs");

@@ -78,7 +78,7 @@ async fn stale_storm() -> Result<(), BoxError> {
         fetches: fetches.clone(),
     };
     let handle =
-        SyncHandle::builder(topic.clone(), capture.clone(), provider, noop_applier()).build();
+        SyncHandle::from_parts(topic.clone(), capture.clone(), provider, noop_applier()).build();
     handle.start().await?;
     assert_eq!(handle.local_revision(), Revision::new(1000));
     let sink = capture.0.get().ok_or("not subscribed")?.clone();
@@ -121,7 +121,7 @@ async fn burst() -> Result<(), BoxError> {
         inner: source.clone(),
         fetches: fetches.clone(),
     };
-    let handle = SyncHandle::builder(topic, source.clone(), provider, noop_applier()).build();
+    let handle = SyncHandle::from_parts(topic, source.clone(), provider, noop_applier()).build();
     handle.start().await?;
     fetches.store(0, Ordering::Relaxed);
 
@@ -151,7 +151,7 @@ async fn fanout(runtime: &str) -> Result<(), BoxError> {
     let rss_before = rss_bytes();
     let mut handles = Vec::with_capacity(HANDLES);
     for _ in 0..HANDLES {
-        let h = SyncHandle::builder(
+        let h = SyncHandle::from_parts(
             topic.clone(),
             source.clone(),
             source.clone(),

@@ -32,7 +32,7 @@ async fn main() -> Result<(), BoxError> {
 
     let mut replicas = Vec::new();
     for id in 0..REPLICAS {
-        let handle = SyncHandle::builder(
+        let handle = SyncHandle::from_parts(
             source.topic().clone(),
             bus.subscriber(source.clone()),
             bus.provider(source.clone()),

@@ -148,9 +148,10 @@ struct Options {
     initial_revision: Option<Revision>,
 }
 
-/// Builds a [`SyncHandle`]; from [`SyncHandle::builder`].
+/// Builds a [`SyncHandle`]; from [`SyncHandle::builder`] or
+/// [`SyncHandle::from_parts`].
 #[must_use = "a builder does nothing until `build` is called"]
-pub struct Builder<S, P, A> {
+pub struct SyncHandleBuilder<S, P, A> {
     topic: Topic,
     subscriber: S,
     provider: P,
@@ -158,7 +159,7 @@ pub struct Builder<S, P, A> {
     options: Options,
 }
 
-impl<S, P, A> Builder<S, P, A>
+impl<S, P, A> SyncHandleBuilder<S, P, A>
 where
     S: Subscriber,
     P: Provider,
@@ -246,9 +247,9 @@ where
     }
 }
 
-impl<S, P, A> fmt::Debug for Builder<S, P, A> {
+impl<S, P, A> fmt::Debug for SyncHandleBuilder<S, P, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("SyncHandleBuilder")
             .field("topic", &self.topic)
             .finish_non_exhaustive()
     }
@@ -279,7 +280,7 @@ impl<S, P, A> fmt::Debug for Builder<S, P, A> {
 /// let source = MemorySource::new(Topic::new("counter")?, 0u64);
 /// let (tx, rx) = tokio::sync::watch::channel(0u64);
 ///
-/// let handle = SyncHandle::builder(source.topic().clone(), source.clone(), source.clone(), tx)
+/// let handle = SyncHandle::builder(source.clone(), tx)
 ///     .on_error(|e| eprintln!("{e}"))
 ///     .build();
 /// handle.start().await?;
@@ -306,19 +307,50 @@ trait Core: Send + Sync + 'static {
 }
 
 impl SyncHandle {
-    /// Starts building a handle for `topic` from its three roles.
-    pub fn builder<S, P, A>(
+    /// Starts building a replica of `source`'s topic that hands each newer
+    /// snapshot to `applier`. The source is the subscriber and the provider
+    /// and knows its topic: a `HubTopic`, a `RemoteTopic`, a
+    /// [`MemorySource`](crate::MemorySource).
+    ///
+    /// ```
+    /// use state_sync::{MemorySource, SyncHandle, Topic};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let source = MemorySource::new(Topic::new("settings")?, 0u32);
+    /// let (applier, mut seen) = tokio::sync::watch::channel(0u32);
+    /// let handle = SyncHandle::builder(source.clone(), applier).build();
+    /// handle.start().await?;
+    /// let revision = source.publish(7);
+    /// handle.wait_for_revision(revision).await?;
+    /// assert_eq!(*seen.borrow_and_update(), 7);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder<S, A>(source: S, applier: A) -> SyncHandleBuilder<S, S, A>
+    where
+        S: crate::Source + Clone,
+        A: Applier<S::Data>,
+    {
+        let topic = source.topic().clone();
+        SyncHandle::from_parts(topic, source.clone(), source, applier)
+    }
+
+    /// Starts building a handle for `topic` from separate parts: for custom
+    /// transports whose subscriber and provider are different values.
+    /// `subscriber` and `provider` must serve `topic`.
+    pub fn from_parts<S, P, A>(
         topic: Topic,
         subscriber: S,
         provider: P,
         applier: A,
-    ) -> Builder<S, P, A>
+    ) -> SyncHandleBuilder<S, P, A>
     where
         S: Subscriber,
         P: Provider,
         A: Applier<P::Data>,
     {
-        Builder {
+        SyncHandleBuilder {
             topic,
             subscriber,
             provider,

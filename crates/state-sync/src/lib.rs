@@ -14,6 +14,7 @@
 //! | role | trait | examples |
 //! |---|---|---|
 //! | delivers invalidations | [`Subscriber`] | [`MemorySource`], network clients, Tauri events |
+//! | both, for one topic it knows | [`Source`] | [`MemorySource`], `HubTopic`, `RemoteTopic`: what [`SyncHandle::builder`] takes |
 //! | fetches snapshots | [`Provider`] | [`MemorySource`], network clients, Tauri commands |
 //! | writes local state | [`Applier`] | closures, `watch::Sender`, `Arc<RwLock<T>>`, [`applier::JsonObjectApplier`] |
 //!
@@ -26,10 +27,9 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let source = MemorySource::new(Topic::new("settings")?, serde_json::json!({"theme": "light"}));
 //!
+//! // The source is the subscriber and the provider, and knows its topic.
 //! let handle = SyncHandle::builder(
-//!     source.topic().clone(),
-//!     source.clone(), // subscriber
-//!     source.clone(), // provider
+//!     source.clone(),
 //!     applier::from_fn(|s: SnapshotEnvelope<serde_json::Value>| {
 //!         println!("revision {}: {}", s.revision, s.data);
 //!         Ok::<_, std::convert::Infallible>(())
@@ -71,13 +71,13 @@ mod topic;
 
 pub use applier::Applier;
 pub use backoff::{Backoff, RetryPolicy};
-pub use engine::{Builder, Status, SyncHandle, Throttle};
+pub use engine::{Status, SyncHandle, SyncHandleBuilder, Throttle};
 pub use error::{BoxError, Error, ErrorChain, ErrorContext, Phase, Result, Stopped};
 pub use memory::{MemorySource, RevisionNotNewer, UnknownTopic};
 pub use protocol::{InvalidationEvent, ProtocolError, ProtocolErrorKind, SnapshotEnvelope};
 pub use provider::{FetchError, FetchRequest, Fetched, Provider};
 pub use revision::{ParseRevisionError, Revision};
-pub use subscriber::{InvalidationSink, Subscriber, Subscription};
+pub use subscriber::{InvalidationSink, Source, Subscriber, Subscription};
 pub use topic::{InvalidTopic, Topic, is_valid_topic};
 
 /// Locks a mutex, recovering from poisoning: every critical section in this

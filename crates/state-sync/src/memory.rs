@@ -251,6 +251,12 @@ impl<T: Clone + Send + Sync + 'static> Subscriber for MemorySource<T> {
     }
 }
 
+impl<T: Clone + Send + Sync + 'static> crate::Source for MemorySource<T> {
+    fn topic(&self) -> &Topic {
+        &self.inner.topic
+    }
+}
+
 impl<T: Clone + Send + Sync + 'static> Provider for MemorySource<T> {
     type Data = T;
 

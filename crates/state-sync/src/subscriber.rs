@@ -272,3 +272,12 @@ impl<F: Fn(&InvalidationEvent) + Send + Sync + 'static> SinkTarget for FnSink<F>
         false
     }
 }
+
+/// A subscriber and a provider of one topic, which knows the topic: what
+/// [`SyncHandle::builder`](crate::SyncHandle::builder) takes. Implemented by
+/// [`MemorySource`](crate::MemorySource), the hub's `HubTopic` and the
+/// network client's `RemoteTopic`.
+pub trait Source: Subscriber + crate::Provider {
+    /// The topic this source serves.
+    fn topic(&self) -> &Topic;
+}

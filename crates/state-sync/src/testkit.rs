@@ -21,7 +21,7 @@
 //! let source = MemorySource::new(Topic::new("t")?, 0u32);
 //! let bus = SimulatedBus::new(7, Faults::lossy());
 //! let recorder = Recorder::new();
-//! let handle = SyncHandle::builder(
+//! let handle = SyncHandle::from_parts(
 //!     source.topic().clone(),
 //!     bus.subscriber(source.clone()),
 //!     bus.provider(source.clone()),
@@ -240,7 +240,7 @@ impl SimulatedBus {
         S::Data: Clone + Send + Sync,
     {
         let recorder = Recorder::with_data();
-        let handle = crate::SyncHandle::builder(
+        let handle = crate::SyncHandle::from_parts(
             topic.clone(),
             self.subscriber(source.clone()),
             self.provider(source),

@@ -13,7 +13,7 @@ use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{Phase, Revision, SnapshotEnvelope, Status, SyncHandle, applier};
 
 fn handle(source: &ScriptedSource, recorder: &Recorder<Value>, errors: &Errors) -> SyncHandle {
-    SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+    SyncHandle::from_parts(topic(), source.clone(), source.clone(), recorder.clone())
         .on_error(errors.callback())
         .retry(state_sync::RetryPolicy::none())
         .build()
@@ -182,7 +182,7 @@ async fn stop_waits_for_a_running_apply() {
     let source = ScriptedSource::new(1, json!(1));
     let applied = Arc::new(AtomicUsize::new(0));
     let counter = applied.clone();
-    let h = SyncHandle::builder(
+    let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
@@ -265,7 +265,7 @@ async fn an_applier_that_causes_its_own_invalidation_converges() {
     let inner = source.clone();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    let h = SyncHandle::builder(
+    let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
@@ -293,7 +293,7 @@ async fn refresh_and_stop_from_inside_the_applier_do_not_deadlock() {
     let slot: Arc<std::sync::OnceLock<SyncHandle>> = Arc::default();
     let inner = slot.clone();
     let src = source.clone();
-    let h = SyncHandle::builder(
+    let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
@@ -326,7 +326,7 @@ async fn refresh_and_stop_from_inside_the_applier_do_not_deadlock() {
 async fn a_panicking_error_callback_does_not_stop_the_engine() {
     let source = ScriptedSource::new(1, json!(1));
     let recorder = Recorder::new();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), recorder.clone())
         .on_error(|_| panic!("callback bug"))
         .build();
     h.start().await.unwrap();
@@ -347,7 +347,7 @@ async fn a_failing_or_panicking_applier_is_reported_and_retried_by_the_next_even
     let errors = Errors::default();
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let h = SyncHandle::builder(
+    let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
@@ -402,7 +402,7 @@ async fn many_invalidations_during_one_slow_fetch_cause_at_most_one_more_fetch()
 #[tokio::test(start_paused = true)]
 async fn should_refresh_can_veto_own_writes() {
     let source = ScriptedSource::new(1, json!(1));
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), Recorder::new())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), Recorder::new())
         .should_refresh(|e| e.source_id.as_deref() != Some("me"))
         .build();
     h.start().await.unwrap();
@@ -533,7 +533,7 @@ fn public_types_are_send_and_sync() {
 async fn initial_revision_makes_start_conditional() {
     let source = ScriptedSource::new(7, json!("cached"));
     let recorder = Recorder::with_data();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), recorder.clone())
         .initial_revision(Revision::new(7))
         .build();
     h.start().await.unwrap();
@@ -554,7 +554,7 @@ async fn a_source_behind_the_replica_is_adopted_on_resync_only() {
     // The replica holds 42; the source restarted without its state.
     let source = ScriptedSource::new(3, json!("restarted"));
     let recorder = Recorder::with_data();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), recorder.clone())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), recorder.clone())
         .initial_revision(Revision::new(42))
         .build();
     h.start().await.unwrap();

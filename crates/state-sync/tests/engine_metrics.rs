@@ -20,8 +20,6 @@ fn a_replica_counts_its_applies_and_fetches_per_topic() {
             let topic = Topic::new("settings").unwrap();
             let source = MemorySource::new(topic.clone(), 0u32);
             let handle = SyncHandle::builder(
-                topic,
-                source.clone(),
                 source.clone(),
                 applier::from_fn(|_: SnapshotEnvelope<u32>| Ok::<(), std::convert::Infallible>(())),
             )

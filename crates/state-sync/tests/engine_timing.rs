@@ -16,15 +16,15 @@ const MS: Duration = Duration::from_millis(1);
 async fn started(
     source: &ScriptedSource,
     configure: impl FnOnce(
-        state_sync::Builder<ScriptedSource, ScriptedSource, Recorder<serde_json::Value>>,
-    ) -> state_sync::Builder<
+        state_sync::SyncHandleBuilder<ScriptedSource, ScriptedSource, Recorder<serde_json::Value>>,
+    ) -> state_sync::SyncHandleBuilder<
         ScriptedSource,
         ScriptedSource,
         Recorder<serde_json::Value>,
     >,
     errors: &Errors,
 ) -> SyncHandle {
-    let builder = SyncHandle::builder(topic(), source.clone(), source.clone(), Recorder::new())
+    let builder = SyncHandle::from_parts(topic(), source.clone(), source.clone(), Recorder::new())
         .on_error(errors.callback());
     let h = configure(builder).build();
     h.start().await.unwrap();
@@ -210,7 +210,7 @@ async fn retries_back_off_exponentially_and_each_retry_is_reported() {
     let source = ScriptedSource::new(1, json!(1));
     source.script([Answer::Fail, Answer::Fail, Answer::Fail, Answer::Fail]);
     let errors = Errors::default();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), Recorder::new())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), Recorder::new())
         .on_error(errors.callback())
         .retry(RetryPolicy::default().max_attempts(5))
         .build();
@@ -243,7 +243,7 @@ async fn default_retry_gives_up_after_three_attempts() {
     let source = ScriptedSource::new(1, json!(1));
     source.script([Answer::Fail, Answer::Fail, Answer::Fail]);
     let errors = Errors::default();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), Recorder::new())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), Recorder::new())
         .on_error(errors.callback())
         .build();
     let t0 = Instant::now();
@@ -259,7 +259,7 @@ async fn jittered_retries_stay_within_bounds() {
     let source = ScriptedSource::new(1, json!(1));
     source.script([Answer::Fail, Answer::Fail]);
     let errors = Errors::default();
-    let h = SyncHandle::builder(topic(), source.clone(), source.clone(), Recorder::new())
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), Recorder::new())
         .on_error(errors.callback())
         .retry(RetryPolicy::default().jitter(true))
         .build();

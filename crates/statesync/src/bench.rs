@@ -118,9 +118,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         let log: Applied = Arc::new(Mutex::new(Vec::with_capacity(args.writes as usize + 1)));
         let record = log.clone();
         let handle = SyncHandle::builder(
-            remote.topic().clone(),
             remote.clone(),
-            remote,
             applier::from_fn(move |s: SnapshotEnvelope<Value>| {
                 if let Ok(mut log) = record.lock() {
                     log.push((s.revision, Instant::now()));

@@ -534,9 +534,7 @@ pub(crate) async fn start_watch(client: &Client, topic: &str) -> Result<SyncHand
         .map_err(|e| fail(exit::BAD_INPUT, e))?;
     let name = topic.to_owned();
     let handle = SyncHandle::builder(
-        remote.topic().clone(),
         remote.clone(),
-        remote,
         applier::from_fn(move |snapshot: state_sync::SnapshotEnvelope<Value>| {
             print_applied(&name, snapshot.revision, &snapshot.data);
             Ok::<(), std::convert::Infallible>(())

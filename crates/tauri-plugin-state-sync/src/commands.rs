@@ -25,7 +25,7 @@
 //!
 //! fn run(context: tauri::Context<tauri::Wry>) {
 //!     tauri::Builder::default()
-//!         .plugin(tauri_plugin_state_sync::Builder::new().build())
+//!         .plugin(tauri_plugin_state_sync::SyncHandleBuilder::new().build())
 //!         .invoke_handler(tauri::generate_handler![
 //!             greet,
 //!             tauri_plugin_state_sync::commands::get_snapshot,

@@ -35,7 +35,7 @@
 //! fn run(context: tauri::Context<tauri::Wry>) {
 //!     tauri::Builder::default()
 //!         .plugin(
-//!             tauri_plugin_state_sync::Builder::new()
+//!             tauri_plugin_state_sync::SyncHandleBuilder::new()
 //!                 .topic("settings", Settings::default)
 //!                 .build(),
 //!         )
@@ -302,7 +302,7 @@ impl Builder {
 ///
 /// fn run(context: tauri::Context<tauri::Wry>) {
 ///     tauri::Builder::default()
-///         .plugin(tauri_plugin_state_sync::Builder::new().build())
+///         .plugin(tauri_plugin_state_sync::SyncHandleBuilder::new().build())
 ///         .invoke_handler(tauri_plugin_state_sync::app_commands![greet])
 ///         .run(context)
 ///         .expect("error while running tauri application");

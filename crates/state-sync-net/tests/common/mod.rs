@@ -73,18 +73,13 @@ where
 {
     let remote = client.topic::<T>(topic).unwrap();
     let recorder = Recorder::with_data();
-    let handle = SyncHandle::builder(
-        remote.topic().clone(),
-        remote.clone(),
-        remote,
-        recorder.clone(),
-    )
-    .retry(
-        state_sync::RetryPolicy::default()
-            .max_attempts(50)
-            .initial_delay(Duration::from_millis(20)),
-    )
-    .build();
+    let handle = SyncHandle::builder(remote.clone(), recorder.clone())
+        .retry(
+            state_sync::RetryPolicy::default()
+                .max_attempts(50)
+                .initial_delay(Duration::from_millis(20)),
+        )
+        .build();
     handle.start().await.unwrap();
     (handle, recorder)
 }
