@@ -118,6 +118,28 @@ pub enum Error {
     /// The hub is closed (or closing) and takes no more writes.
     #[error("the hub is closed")]
     Closed,
+    /// The hub runs in another process and could not be reached, or its
+    /// answer was lost. Retryable; a write may or may not have been
+    /// committed: read the topic to know.
+    #[error("the hub could not be reached for `{topic}`")]
+    Unreachable {
+        /// The topic.
+        topic: Topic,
+        /// What the connection reported.
+        #[source]
+        source: Arc<BoxError>,
+    },
+    /// A hub in another process refused the request with a code this
+    /// type has no variant for (e.g. `forbidden`, `unauthorized`).
+    #[error("the hub refused the request for `{topic}` ({code}): {message}")]
+    Refused {
+        /// The topic.
+        topic: Topic,
+        /// The protocol's error code.
+        code: String,
+        /// The hub's explanation.
+        message: String,
+    },
 }
 
 impl Error {
@@ -125,7 +147,8 @@ impl Error {
     /// the transports: `invalid_topic`, `unknown_topic`, `type_mismatch`,
     /// `conflict`, `invalid_data`, `encode`, `update_failed`, `storage`,
     /// `revisions_exhausted`, `too_large`, `too_many_topics`, `damaged`,
-    /// `closed`.
+    /// `closed`; from a remote hub also `unreachable` and `refused` (whose
+    /// protocol code is in the variant).
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
@@ -142,6 +165,8 @@ impl Error {
             Error::TooManyTopics { .. } => "too_many_topics",
             Error::Damaged { .. } => "damaged",
             Error::Closed => "closed",
+            Error::Unreachable { .. } => "unreachable",
+            Error::Refused { .. } => "refused",
         }
     }
 

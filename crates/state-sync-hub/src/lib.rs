@@ -33,12 +33,14 @@
 mod error;
 mod hub;
 mod metrics;
+mod shared_topic;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod topic;
 
 pub use error::{Error, Result};
 pub use hub::{Hub, HubBuilder};
+pub use shared_topic::SharedTopic;
 pub use topic::{HubTopic, JsonSnapshot, Snapshot, TopicValue};
 
 /// The README's Rust examples compile and run as doctests.

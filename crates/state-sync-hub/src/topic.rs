@@ -48,6 +48,17 @@ impl<T> Clone for Snapshot<T> {
 }
 
 impl<T> Snapshot<T> {
+    /// A snapshot of `value` at `revision`, whose JSON encoding is `json`
+    /// (for clients that received both from a hub).
+    #[must_use]
+    pub fn new(revision: Revision, value: T, json: Bytes) -> Self {
+        Snapshot {
+            revision,
+            value: Arc::new(value),
+            json,
+        }
+    }
+
     /// The revision.
     #[must_use]
     pub fn revision(&self) -> Revision {

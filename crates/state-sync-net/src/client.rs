@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -23,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{ClientMessage, ErrorCode, HubStatus, Secret, ServerMessage};
+use crate::remote_topic::RemoteTopic;
 
 /// Where a hub listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,11 @@ impl ClientOptions {
         self
     }
 
-    /// Sets the request timeout.
+    /// How long a request may take, waiting for the connection included: a
+    /// request made while the client (re)connects waits for it, then fails
+    /// with [`ClientError::Timeout`]. A client that stopped retrying
+    /// (refused, gave up) fails requests at once with
+    /// [`ClientError::Disconnected`].
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -398,11 +402,7 @@ impl Client {
         &self,
         topic: impl AsRef<str>,
     ) -> Result<RemoteTopic<T>, state_sync::InvalidTopic> {
-        Ok(RemoteTopic {
-            client: self.clone(),
-            topic: Topic::new(topic)?,
-            _value: PhantomData,
-        })
+        Ok(RemoteTopic::new(self.clone(), Topic::new(topic)?))
     }
 
     /// The current revision and JSON data of `topic`.
@@ -490,7 +490,7 @@ impl Client {
         }
     }
 
-    async fn fetch(
+    pub(crate) async fn fetch(
         &self,
         topic: &str,
         if_newer_than: Option<Revision>,
@@ -547,17 +547,16 @@ impl Shared {
     ) -> Result<ServerMessage, ClientError> {
         let frame =
             Bytes::from(serde_json::to_vec(message).map_err(|e| ClientError::Json(e.to_string()))?);
-        let outgoing = lock(&self.outgoing)
-            .clone()
-            .ok_or(ClientError::Disconnected)?;
+        let timeout = self.options.request_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outgoing = self.connection_by(deadline).await?;
         let (reply, answer) = oneshot::channel();
         lock(&self.waiting).insert(id, reply);
         if outgoing.send(frame).await.is_err() {
             lock(&self.waiting).remove(&id);
             return Err(ClientError::Disconnected);
         }
-        let timeout = self.options.request_timeout;
-        match tokio::time::timeout(timeout, answer).await {
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(ServerMessage::Error { code, message, .. })) => {
                 Err(ClientError::Server { code, message })
             }
@@ -566,6 +565,34 @@ impl Shared {
             Err(_) => {
                 lock(&self.waiting).remove(&id);
                 Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// The live connection's outgoing queue; while (re)connecting, waits
+    /// for it until `deadline`. Fails at once when the client stopped
+    /// retrying (refused, gave up, closed).
+    async fn connection_by(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<mpsc::Sender<Bytes>, ClientError> {
+        let mut status = self.status.subscribe();
+        loop {
+            if let Some(outgoing) = lock(&self.outgoing).clone() {
+                return Ok(outgoing);
+            }
+            if matches!(
+                *status.borrow_and_update(),
+                ConnectionStatus::Refused(_)
+                    | ConnectionStatus::GaveUp(_)
+                    | ConnectionStatus::Closed
+            ) {
+                return Err(ClientError::Disconnected);
+            }
+            match tokio::time::timeout_at(deadline, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ClientError::Disconnected),
+                Err(_) => return Err(ClientError::Timeout(self.options.request_timeout)),
             }
         }
     }
@@ -733,54 +760,6 @@ impl Shared {
 /// The bytes of a decoded raw JSON value, without copying them again.
 pub(crate) fn raw_bytes(raw: Box<RawValue>) -> Bytes {
     Bytes::from(Box::<str>::from(raw).into_boxed_bytes())
-}
-
-/// One topic of a [`Client`], typed: the [`Subscriber`] and [`Provider`] of
-/// an engine replicating it. Fetches are conditional, and answered without
-/// a round trip when the newest invalidation carried the snapshot (see
-/// [`ClientOptions::inline_snapshots`]).
-pub struct RemoteTopic<T> {
-    client: Client,
-    topic: Topic,
-    _value: PhantomData<fn() -> T>,
-}
-
-impl<T> Clone for RemoteTopic<T> {
-    fn clone(&self) -> Self {
-        RemoteTopic {
-            client: self.client.clone(),
-            topic: self.topic.clone(),
-            _value: PhantomData,
-        }
-    }
-}
-
-impl<T> RemoteTopic<T> {
-    /// The topic.
-    #[must_use]
-    pub fn topic(&self) -> &Topic {
-        &self.topic
-    }
-
-    /// The client.
-    #[must_use]
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-}
-
-impl<T> fmt::Debug for RemoteTopic<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteTopic")
-            .field("topic", &self.topic)
-            .finish()
-    }
-}
-
-impl<T: DeserializeOwned + Send + Sync + 'static> state_sync::Source for RemoteTopic<T> {
-    fn topic(&self) -> &Topic {
-        &self.topic
-    }
 }
 
 impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {

@@ -23,9 +23,11 @@ mod frames;
 mod metrics;
 mod platform;
 pub mod protocol;
+mod remote_topic;
 mod server;
 
 pub use access::{AccessConfig, AccessConfigError, ClientAccess, Grant};
-pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint, RemoteTopic};
+pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint};
 pub use protocol::{ErrorCode, HubStatus, PROTOCOL_VERSION, Secret, TopicStatus};
+pub use remote_topic::RemoteTopic;
 pub use server::{Server, ServerConfig, ServerStats};

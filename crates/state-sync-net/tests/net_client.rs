@@ -14,7 +14,7 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{RetryPolicy, SyncHandle};
-use state_sync_hub::Hub;
+use state_sync_hub::{Hub, SharedTopic};
 use state_sync_net::{
     AccessConfig, Client, ClientOptions, ConnectionStatus, Endpoint, ServerConfig,
 };
@@ -208,4 +208,63 @@ async fn a_hub_that_stops_reading_and_answering_is_noticed_while_a_write_is_bloc
     }
     .within_limit()
     .await;
+}
+
+/// Application code that does not care where the hub is.
+async fn add_one(counter: &impl SharedTopic<u64>) -> Result<u64, state_sync_hub::Error> {
+    counter.update_in_place(|n| *n += 1).await?;
+    Ok(*counter.get().await?.value())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_topic_reads_and_writes_like_a_hub_topic() {
+    let (doc, server, path, _dir) = served_doc().await;
+    let client = Client::connect(Endpoint::Unix(path), options("shared-topic"));
+    let remote = client.topic::<u64>("doc").unwrap();
+
+    // The same function on both.
+    assert_eq!(add_one(&doc).within_limit().await.unwrap(), 1);
+    assert_eq!(add_one(&remote).within_limit().await.unwrap(), 2);
+
+    let at = SharedTopic::get(&remote).await.unwrap().revision();
+    assert_eq!(at, doc.revision());
+    let won = SharedTopic::compare_and_set(&remote, at, 10).await.unwrap();
+    let lost = SharedTopic::compare_and_set(&remote, at, 11)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, state_sync_hub::Error::Conflict { current, expected, .. } if current == won && expected == at),
+        "{lost}"
+    );
+    let lost_locally = SharedTopic::compare_and_set(&doc, at, 11)
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), lost_locally.code());
+    assert_eq!(
+        SharedTopic::replace(&remote, 20).await.unwrap(),
+        doc.revision()
+    );
+    assert_eq!(*doc.get().value(), 20);
+
+    // Concurrent updates from both sides: every increment lands.
+    let local = tokio::spawn({
+        let doc = doc.clone();
+        async move {
+            for _ in 0..50 {
+                SharedTopic::update(&doc, |n| n + 1).await.unwrap();
+            }
+        }
+    });
+    for _ in 0..50 {
+        remote.update(|n| n + 1).await.unwrap();
+    }
+    local.await.unwrap();
+    assert_eq!(*doc.get().value(), 120);
+
+    let missing = client.topic::<u64>("missing").unwrap();
+    let error = SharedTopic::get(&missing).await.unwrap_err();
+    assert_eq!(error.code(), "unknown_topic");
+    server.shutdown().await;
+    let gone = SharedTopic::get(&remote).await.unwrap_err();
+    assert_eq!(gone.code(), "unreachable", "{gone}");
 }
