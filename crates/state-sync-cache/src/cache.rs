@@ -370,6 +370,10 @@ where
     /// [`Invalid`](CacheError::Invalid),
     /// [`Validation`](CacheError::Validation),
     /// [`Storage`](CacheError::Storage). The record is left untouched.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
     pub async fn load(&self) -> Result<Option<SnapshotEnvelope<T>>, CacheError> {
         let inner = &self.inner;
         let Some(record) = inner.settings.storage.load(&inner.settings.topic).await? else {
@@ -411,6 +415,11 @@ where
     ///
     /// As for [`load`](Self::load); [`CacheError::Apply`] when the applier
     /// refuses the snapshot.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before it resolves, the snapshot may or may not
+    /// have been applied; nothing is written.
     pub async fn restore<A: Applier<T>>(
         &self,
         applier: &A,
@@ -459,6 +468,11 @@ where
     /// # Errors
     ///
     /// The save's error; [`CacheError::Disposed`] after `dispose`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping it may leave the pending save unwritten; the previous stored
+    /// copy stays intact (saves replace the file atomically).
     pub async fn flush(&self) -> Result<(), CacheError> {
         self.command(Command::Flush).await
     }
@@ -469,6 +483,10 @@ where
     /// # Errors
     ///
     /// The final save's error.
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`flush`](Self::flush).
     pub async fn dispose(&self) -> Result<(), CacheError> {
         let result = self.command(Command::Dispose).await;
         // Already set by the saver; also when it had gone.
@@ -484,6 +502,10 @@ where
     /// # Errors
     ///
     /// [`CacheError::Storage`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it resolves, the stored copy may or may not be removed.
     pub async fn clear(&self) -> Result<(), CacheError> {
         lock(&self.inner.pending).snapshot = None;
         self.inner

@@ -280,6 +280,11 @@ impl Hub {
     /// does not decode as `T` (it is left untouched, never replaced by the
     /// default); [`Error::Damaged`]; [`Error::TooManyTopics`];
     /// [`Error::Storage`] when loading fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping it before it resolves leaves the topic either not
+    /// opened or opened (and usable by the next call); nothing is written.
     pub async fn topic<T: TopicValue>(
         &self,
         name: impl AsRef<str>,
@@ -333,6 +338,10 @@ impl Hub {
     /// # Errors
     ///
     /// As for [`topic`](Self::topic).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`topic`](Self::topic).
     pub async fn json_topic(&self, name: impl AsRef<str>) -> Result<HubTopic<Value>> {
         self.topic(name, || Value::Null).await
     }
@@ -345,6 +354,11 @@ impl Hub {
     /// # Errors
     ///
     /// As for [`topic`](Self::topic), except [`Error::Damaged`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only opens topics; those opened before the drop stay
+    /// open.
     pub async fn open_stored_topics(&self) -> Result<Vec<Topic>> {
         let stored = self
             .inner
@@ -471,6 +485,13 @@ impl Hub {
     /// [`Error::UnknownTopic`], [`Error::InvalidData`] when `data` does not
     /// decode, [`Error::Conflict`], and the errors of
     /// [`HubTopic::replace`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn set_json(
         &self,
         topic: &Topic,
@@ -489,6 +510,13 @@ impl Hub {
     /// # Errors
     ///
     /// [`Error::TooLarge`]; otherwise as for [`set_json`](Self::set_json).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn set_json_limited(
         &self,
         topic: &Topic,
@@ -503,6 +531,12 @@ impl Hub {
 
     /// Stops taking writes and waits until every write queued before is
     /// committed (or has failed). Reads and subscriptions keep working.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the hub is closed to new writes once the future is first
+    /// polled; only the wait for queued writes is abandoned (they are still
+    /// committed).
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         let open: Vec<Arc<dyn RawTopic>> = self

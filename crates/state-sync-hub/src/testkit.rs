@@ -48,6 +48,10 @@ async fn replica(topic: &HubTopic<u64>) -> (SyncHandle, Recorder<u64>) {
 /// # Panics
 ///
 /// When any of that fails.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn increments_across_hubs<S: Storage>(storages: Vec<S>, writers: usize, each: u64) {
     let hubs: Vec<Hub> = storages.into_iter().map(hub_on).collect();
     let mut topics = Vec::new();
@@ -96,6 +100,10 @@ pub async fn increments_across_hubs<S: Storage>(storages: Vec<S>, writers: usize
 /// # Panics
 ///
 /// When both or neither win.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn one_compare_and_set_winner<S: Storage>(a: S, b: S) {
     let (a, b) = (hub_on(a), hub_on(b));
     let (ta, tb) = (
@@ -122,6 +130,10 @@ pub async fn one_compare_and_set_winner<S: Storage>(a: S, b: S) {
 /// # Panics
 ///
 /// When the replica never catches up.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn catches_up_after_lost_notifications<S, F, Fut>(a: S, b: S, cut: F)
 where
     S: Storage,
@@ -151,6 +163,10 @@ where
 /// # Panics
 ///
 /// When a revision goes backwards or a write fails for good.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn never_backwards_after_data_loss<S, F, Fut>(a: S, b: S, lose: F)
 where
     S: Storage,

@@ -753,6 +753,13 @@ impl<T: TopicValue> HubTopic<T> {
     /// # Errors
     ///
     /// [`Error::Storage`], [`Error::Encode`], [`Error::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn replace(&self, value: T) -> Result<Revision> {
         self.write(Change::Replace(value)).await
     }
@@ -768,6 +775,13 @@ impl<T: TopicValue> HubTopic<T> {
     ///
     /// [`Error::Update`] if it panics; otherwise as for
     /// [`replace`](Self::replace).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn update(&self, mut f: impl FnMut(&T) -> T + Send + 'static) -> Result<Revision> {
         self.try_update(move |current| Ok::<_, BoxError>(f(current)))
             .await
@@ -779,6 +793,13 @@ impl<T: TopicValue> HubTopic<T> {
     /// # Errors
     ///
     /// As for [`update`](Self::update).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn try_update<E: Into<BoxError>>(
         &self,
         mut f: impl FnMut(&T) -> Result<T, E> + Send + 'static,
@@ -793,6 +814,13 @@ impl<T: TopicValue> HubTopic<T> {
     ///
     /// [`Error::Conflict`] with the current revision when it is not;
     /// otherwise as for [`replace`](Self::replace).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future does not cancel a write already handed to the
+    /// topic's writer task: it is committed (and its invalidation sent); only
+    /// the answer is lost. A write still waiting for room in the topic's queue
+    /// is not queued, and not committed.
     pub async fn compare_and_set(&self, expected: Revision, value: T) -> Result<Revision> {
         self.write(Change::CompareAndSet { expected, value }).await
     }

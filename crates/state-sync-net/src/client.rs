@@ -36,6 +36,35 @@ pub enum Endpoint {
     WebSocket(String),
 }
 
+impl Endpoint {
+    /// The data directory `statesync serve` uses by default: `state-sync`
+    /// under the user's data directory (`~/.local/share` on Linux,
+    /// `~/Library/Application Support` on macOS, `%APPDATA%` on Windows).
+    #[must_use]
+    pub fn default_data_dir() -> PathBuf {
+        dirs::data_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("state-sync")
+    }
+
+    /// Where `statesync serve --data-dir DIR` listens: `hub.sock` in `DIR`
+    /// on Unix, a named pipe named after `DIR` on Windows.
+    #[must_use]
+    pub fn in_data_dir(dir: impl AsRef<std::path::Path>) -> Endpoint {
+        crate::platform::endpoint_in(dir.as_ref())
+    }
+}
+
+/// Where `statesync serve` listens with no options: the socket of the
+/// [default data directory](Endpoint::default_data_dir) (a named pipe on
+/// Windows). `Client::connect(Endpoint::default(), …)` reaches it with no
+/// path in the code.
+impl Default for Endpoint {
+    fn default() -> Self {
+        Endpoint::in_data_dir(Endpoint::default_data_dir())
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -410,6 +439,10 @@ impl Client {
     /// # Errors
     ///
     /// [`ClientError`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
     pub async fn get_json(&self, topic: impl AsRef<str>) -> Result<(Revision, Bytes), ClientError> {
         match self.fetch(topic.as_ref(), None).await? {
             Fetched::Snapshot(s) => Ok((s.revision, s.data)),
@@ -426,6 +459,11 @@ impl Client {
     ///
     /// [`ClientError::Conflict`] with the current revision;
     /// [`ClientError::Json`] when `data` is not JSON; others.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future after the request was sent does not take it back:
+    /// the hub may commit it. Read the topic to know.
     pub async fn set_json(
         &self,
         topic: impl AsRef<str>,
@@ -459,6 +497,10 @@ impl Client {
     /// Writes `value` to `topic` as JSON; see [`set_json`](Self::set_json).
     ///
     /// # Errors
+    ///
+    /// As for [`set_json`](Self::set_json).
+    ///
+    /// # Cancel safety
     ///
     /// As for [`set_json`](Self::set_json).
     pub async fn set<T: Serialize>(

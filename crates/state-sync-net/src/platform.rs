@@ -1,6 +1,26 @@
-//! Unix sockets, the one platform-specific transport, in one place. Named
-//! local sockets (Windows named pipes, abstract sockets on Linux) go
-//! through `interprocess` and are portable.
+//! Unix sockets, the one platform-specific transport, and where a hub
+//! listens by default, in one place. Named local sockets (Windows named
+//! pipes, abstract sockets on Linux) go through `interprocess` and are
+//! portable.
+
+use std::path::Path;
+
+use crate::Endpoint;
+
+/// The endpoint of a hub on `data_dir`: `hub.sock` in it on Unix; on
+/// Windows, the named pipe `state-sync-<crc32 of the directory>`, so the
+/// hub and its clients find each other from the same directory.
+pub(crate) fn endpoint_in(data_dir: &Path) -> Endpoint {
+    if cfg!(unix) {
+        Endpoint::Unix(data_dir.join("hub.sock"))
+    } else {
+        let path = data_dir.to_string_lossy();
+        Endpoint::Local(format!(
+            "state-sync-{:08x}",
+            crc32fast::hash(path.as_bytes())
+        ))
+    }
+}
 
 #[cfg(unix)]
 pub(crate) use unix::{bind_unix, connect_unix};

@@ -18,10 +18,10 @@ use crate::protocol::ErrorCode;
 /// with the last conflict.
 const UPDATE_ATTEMPTS: u32 = 64;
 
-/// One topic of a [`Client`], typed: the [`Subscriber`] and [`Provider`] of
+/// One topic of a [`Client`], typed: the [`Subscriber`](state_sync::Subscriber) and [`Provider`](state_sync::Provider) of
 /// an engine replicating it. Fetches are conditional, and answered without
 /// a round trip when the newest invalidation carried the snapshot (see
-/// [`ClientOptions::inline_snapshots`]).
+/// [`ClientOptions::inline_snapshots`](crate::ClientOptions::inline_snapshots)).
 pub struct RemoteTopic<T> {
     pub(crate) client: Client,
     pub(crate) topic: Topic,

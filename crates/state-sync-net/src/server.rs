@@ -299,6 +299,11 @@ impl Server {
     /// # Errors
     ///
     /// Binding fails, or another server is listening at `path`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before it resolves, nothing listens (a half-made
+    /// socket file is removed or replaced by the next bind).
     #[cfg(unix)]
     pub async fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> io::Result<PathBuf> {
         let path = path.as_ref().to_owned();
@@ -325,6 +330,10 @@ impl Server {
     /// # Errors
     ///
     /// The name is invalid, or another server listens on it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before it resolves, nothing listens.
     pub async fn listen_local(&self, name: &str) -> io::Result<String> {
         use interprocess::local_socket::tokio::prelude::*;
         use interprocess::local_socket::{GenericNamespaced, ListenerOptions};
@@ -357,6 +366,10 @@ impl Server {
     /// # Errors
     ///
     /// Binding fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before it resolves, nothing listens.
     pub async fn listen_websocket(
         &self,
         addr: impl tokio::net::ToSocketAddrs,

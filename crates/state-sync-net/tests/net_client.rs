@@ -16,7 +16,7 @@ use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{RetryPolicy, SyncHandle};
 use state_sync_hub::{Hub, SharedTopic};
 use state_sync_net::{
-    AccessConfig, Client, ClientOptions, ConnectionStatus, Endpoint, ServerConfig,
+    AccessConfig, Client, ClientOptions, ConnectionStatus, Endpoint, Server, ServerConfig,
 };
 use tokio::net::UnixListener;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -219,7 +219,11 @@ async fn add_one(counter: &impl SharedTopic<u64>) -> Result<u64, state_sync_hub:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_topic_reads_and_writes_like_a_hub_topic() {
     let (doc, server, path, _dir) = served_doc().await;
-    let client = Client::connect(Endpoint::Unix(path), options("shared-topic"));
+    // Short requests: the last check waits for a hub that is gone.
+    let client = Client::connect(
+        Endpoint::Unix(path),
+        options("shared-topic").request_timeout(Duration::from_secs(2)),
+    );
     let remote = client.topic::<u64>("doc").unwrap();
 
     // The same function on both.
@@ -267,4 +271,61 @@ async fn a_remote_topic_reads_and_writes_like_a_hub_topic() {
     server.shutdown().await;
     let gone = SharedTopic::get(&remote).await.unwrap_err();
     assert_eq!(gone.code(), "unreachable", "{gone}");
+}
+
+#[test]
+fn the_default_endpoint_is_the_one_statesync_serve_listens_on() {
+    let default = Endpoint::default();
+    assert_eq!(default, Endpoint::in_data_dir(Endpoint::default_data_dir()));
+    assert!(Endpoint::default_data_dir().ends_with("state-sync"));
+    if cfg!(unix) {
+        assert_eq!(
+            Endpoint::in_data_dir("/data/a"),
+            Endpoint::Unix("/data/a/hub.sock".into())
+        );
+    }
+    assert_ne!(
+        Endpoint::in_data_dir("/data/a"),
+        Endpoint::in_data_dir("/data/b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_within_waits_for_a_hub_and_a_topic_that_come_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.sock");
+    let client = Client::connect(
+        Endpoint::Unix(path.clone()),
+        options("early").request_timeout(Duration::from_millis(500)),
+    );
+    let (applier, seen) = tokio::sync::watch::channel(0u64);
+    let handle = SyncHandle::builder(client.topic::<u64>("doc").unwrap(), applier).build();
+    let starting = tokio::spawn(async move {
+        let started = handle.start_within(Duration::from_secs(30)).await;
+        started.map(|()| handle)
+    });
+
+    // No hub yet; then a hub without the topic; then the topic.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hub = Hub::in_memory();
+    let server = Server::new(hub.clone());
+    server.listen_unix(&path).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!starting.is_finished(), "started before the topic existed");
+    let doc = hub.topic("doc", || 7u64).await.unwrap();
+
+    let handle = starting.within_limit().await.unwrap().unwrap();
+    assert_eq!(handle.local_revision(), doc.revision());
+    assert_eq!(*seen.borrow(), 7);
+
+    // A limit that passes gives the last failure.
+    let (applier, _) = tokio::sync::watch::channel(0u64);
+    let never = SyncHandle::builder(client.topic::<u64>("never").unwrap(), applier).build();
+    let error = never
+        .start_within(Duration::from_millis(300))
+        .within_limit()
+        .await
+        .unwrap_err();
+    assert_eq!(error.phase(), state_sync::Phase::Subscribe, "{error}");
+    server.shutdown().await;
 }

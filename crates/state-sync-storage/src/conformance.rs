@@ -24,6 +24,10 @@ use crate::storage::{Record, Storage};
 /// # Panics
 ///
 /// When the backend breaks the [`Storage`] contract.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn run<S: Storage>(open: impl Fn() -> S) {
     let store = open();
     let a = Topic::new("conformance:a").expect("valid topic");
@@ -243,6 +247,10 @@ impl Storage for FaultyStorage {
 /// # Panics
 ///
 /// When the backend breaks the contract.
+///
+/// # Cancel safety
+///
+/// Not meant to be cancelled: a test helper.
 pub async fn run_shared<S: Storage>(open: impl Fn() -> S) {
     use crate::storage::{Change, Stored};
     let writer = open();
@@ -361,6 +369,10 @@ impl SharedMemory {
 
     /// Forgets every record, as an engine restarted without persistence
     /// would, and tells the followers to resync.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
     pub async fn lose_everything(&self) {
         let _turn = self.lock.lock().await;
         for topic in self.records.topics().await.unwrap_or_default() {

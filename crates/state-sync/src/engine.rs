@@ -389,6 +389,58 @@ impl SyncHandle {
         self.core.clone().start().await
     }
 
+    /// [`start`](Self::start), waiting for the source to be there: while
+    /// starting fails in the `subscribe` or `getSnapshot` phase (the hub is
+    /// not up yet, is restarting, or the topic does not exist yet), it
+    /// tries again after a growing, jittered delay (50 ms doubling to 2 s)
+    /// until `limit` has passed. Each failed attempt is reported like any
+    /// failure.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use state_sync::{MemorySource, SyncHandle, Topic};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), state_sync::Error> {
+    /// let source = MemorySource::new(Topic::new("settings").unwrap(), 1u32);
+    /// let (applier, _seen) = tokio::sync::watch::channel(0u32);
+    /// let handle = SyncHandle::builder(source, applier).build();
+    /// handle.start_within(Duration::from_secs(30)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The last failure once `limit` has passed; at once a failure that
+    /// waiting cannot cure: the handle was stopped, or the `protocol` or
+    /// `apply` phase failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`start`](Self::start): dropping it mid-way may leave the handle
+    /// subscribed without a first snapshot; call `start` again or `stop`.
+    pub async fn start_within(&self, limit: Duration) -> Result<()> {
+        // `None`: a limit too far to represent, i.e. none.
+        let deadline = Instant::now().checked_add(limit);
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let error = match self.start().await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let curable = !error.is_stopped()
+                && matches!(error.phase(), Phase::Subscribe | Phase::GetSnapshot);
+            let jittered = delay.mul_f64(0.5 + fastrand::f64() / 2.0);
+            let past = deadline.is_some_and(|deadline| Instant::now() + jittered >= deadline);
+            if !curable || past {
+                return Err(error);
+            }
+            tokio::time::sleep(jittered).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// Unsubscribes and cancels pending work. When it returns, no snapshot
     /// will be applied any more, even one whose fetch was in flight (an
     /// apply already running is awaited). Idempotent. The last applied

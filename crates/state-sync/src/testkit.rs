@@ -230,6 +230,10 @@ impl SimulatedBus {
     /// # Errors
     ///
     /// As [`SyncHandle::start`](crate::SyncHandle::start).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`SyncHandle::start`](crate::SyncHandle::start).
     pub async fn start_replica<S>(
         &self,
         topic: &Topic,

@@ -182,9 +182,7 @@ pub(crate) struct EngineArgs {
 /// The default data directory: `state-sync` under the user's data
 /// directory.
 pub(crate) fn default_data_dir() -> PathBuf {
-    dirs::data_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("state-sync")
+    state_sync_net::Endpoint::default_data_dir()
 }
 
 /// The log filter from `--log`. The WebSocket library's own traces print

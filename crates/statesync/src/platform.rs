@@ -15,18 +15,7 @@ use tokio::process::Child;
 
 /// The endpoint a hub on `data_dir` listens on unless told otherwise.
 pub(crate) fn default_endpoint(data_dir: &Path) -> Endpoint {
-    if cfg!(unix) {
-        Endpoint::Unix(data_dir.join("hub.sock"))
-    } else {
-        Endpoint::Local(pipe_name(data_dir))
-    }
-}
-
-/// `state-sync-<crc32 of the data directory>`: one pipe per data directory,
-/// the same for the hub and its clients.
-fn pipe_name(data_dir: &Path) -> String {
-    let path = data_dir.to_string_lossy();
-    format!("state-sync-{:08x}", crc32fast::hash(path.as_bytes()))
+    Endpoint::in_data_dir(data_dir)
 }
 
 /// Creates the data directory and its missing parents, `0700` on Unix
@@ -136,6 +125,5 @@ mod tests {
         if cfg!(unix) {
             assert!(matches!(a, Endpoint::Unix(p) if p == Path::new("/data/a/hub.sock")));
         }
-        assert!(pipe_name(Path::new("/data/a")).starts_with("state-sync-"));
     }
 }

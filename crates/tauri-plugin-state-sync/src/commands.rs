@@ -25,7 +25,7 @@
 //!
 //! fn run(context: tauri::Context<tauri::Wry>) {
 //!     tauri::Builder::default()
-//!         .plugin(tauri_plugin_state_sync::SyncHandleBuilder::new().build())
+//!         .plugin(tauri_plugin_state_sync::Builder::new().build())
 //!         .invoke_handler(tauri::generate_handler![
 //!             greet,
 //!             tauri_plugin_state_sync::commands::get_snapshot,
@@ -83,6 +83,10 @@ fn allowed<R: Runtime>(state: &StateSync<R>, window: &Window<R>, topic: &str) ->
 }
 
 /// Returns the topic's snapshot `{revision, data}`.
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only reads.
 #[tauri::command]
 pub async fn get_snapshot<R: Runtime>(
     webview: Webview<R>,
@@ -108,6 +112,11 @@ pub async fn get_snapshot<R: Runtime>(
 
 /// Writes the topic; with `expectedRevision`, only if it is still at that
 /// revision. The invalidation carries the window's label as `sourceId`.
+///
+/// # Cancel safety
+///
+/// Tauri runs a command to completion; if its future is dropped anyway, a
+/// write already handed to the hub is still committed.
 #[tauri::command]
 pub async fn set<R: Runtime>(
     webview: Webview<R>,
@@ -140,6 +149,10 @@ pub async fn set<R: Runtime>(
 /// The way to follow topics that some windows may not read: those are
 /// never emitted as Tauri events, which every window could receive. The
 /// channel closes with the window or when its page reloads.
+///
+/// # Cancel safety
+///
+/// Cancel safe: the channel is registered or not.
 #[tauri::command]
 pub async fn listen<R: Runtime>(
     webview: Webview<R>,
@@ -153,6 +166,10 @@ pub async fn listen<R: Runtime>(
 
 /// Closes a channel opened by [`listen`] in this window; `false` if there
 /// was none with that id.
+///
+/// # Cancel safety
+///
+/// Cancel safe.
 #[tauri::command]
 pub async fn unlisten<R: Runtime>(
     webview: Webview<R>,

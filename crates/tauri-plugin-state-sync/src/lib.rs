@@ -35,7 +35,7 @@
 //! fn run(context: tauri::Context<tauri::Wry>) {
 //!     tauri::Builder::default()
 //!         .plugin(
-//!             tauri_plugin_state_sync::SyncHandleBuilder::new()
+//!             tauri_plugin_state_sync::Builder::new()
 //!                 .topic("settings", Settings::default)
 //!                 .build(),
 //!         )
@@ -302,7 +302,7 @@ impl Builder {
 ///
 /// fn run(context: tauri::Context<tauri::Wry>) {
 ///     tauri::Builder::default()
-///         .plugin(tauri_plugin_state_sync::SyncHandleBuilder::new().build())
+///         .plugin(tauri_plugin_state_sync::Builder::new().build())
 ///         .invoke_handler(tauri_plugin_state_sync::app_commands![greet])
 ///         .run(context)
 ///         .expect("error while running tauri application");
@@ -351,6 +351,10 @@ impl<R: Runtime> StateSync<R> {
     /// # Errors
     ///
     /// As [`Hub::topic`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: as `Hub::topic`; nothing is written.
     pub async fn topic<T: TopicValue>(
         &self,
         name: impl AsRef<str>,
