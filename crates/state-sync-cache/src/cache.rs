@@ -16,7 +16,7 @@ use state_sync_storage::{AnyStorage, Record, Storage};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::error::CacheError;
+use crate::error::Error;
 use crate::format::{self, Compression};
 
 type Migration = Box<dyn Fn(Value) -> Result<Value, BoxError> + Send + Sync>;
@@ -327,8 +327,8 @@ impl<T> Default for Pending<T> {
 }
 
 enum Command {
-    Flush(oneshot::Sender<Result<(), CacheError>>),
-    Dispose(oneshot::Sender<Result<(), CacheError>>),
+    Flush(oneshot::Sender<Result<(), Error>>),
+    Dispose(oneshot::Sender<Result<(), Error>>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -364,17 +364,17 @@ where
     ///
     /// # Errors
     ///
-    /// [`CacheError::Corrupt`], [`FutureVersion`](CacheError::FutureVersion),
-    /// [`MissingMigration`](CacheError::MissingMigration),
-    /// [`MigrationFailed`](CacheError::MigrationFailed),
-    /// [`Invalid`](CacheError::Invalid),
-    /// [`Validation`](CacheError::Validation),
-    /// [`Storage`](CacheError::Storage). The record is left untouched.
+    /// [`Error::Corrupt`], [`FutureVersion`](Error::FutureVersion),
+    /// [`MissingMigration`](Error::MissingMigration),
+    /// [`MigrationFailed`](Error::MigrationFailed),
+    /// [`Invalid`](Error::Invalid),
+    /// [`Validation`](Error::Validation),
+    /// [`Storage`](Error::Storage). The record is left untouched.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: it only reads.
-    pub async fn load(&self) -> Result<Option<SnapshotEnvelope<T>>, CacheError> {
+    pub async fn load(&self) -> Result<Option<SnapshotEnvelope<T>>, Error> {
         let inner = &self.inner;
         let Some(record) = inner.settings.storage.load(&inner.settings.topic).await? else {
             inner.emit(&CacheEvent::LoadCompleted { revision: None });
@@ -397,9 +397,9 @@ where
             }
         }
         let value = inner.migrate(header.schema, &json)?;
-        let value: T = serde_json::from_value(value).map_err(CacheError::Invalid)?;
+        let value: T = serde_json::from_value(value).map_err(Error::Invalid)?;
         if let Some(validate) = &inner.settings.validator {
-            validate(&value).map_err(CacheError::Validation)?;
+            validate(&value).map_err(Error::Validation)?;
         }
         lock(&inner.stats).loads += 1;
         inner.emit(&CacheEvent::LoadCompleted {
@@ -413,22 +413,19 @@ where
     ///
     /// # Errors
     ///
-    /// As for [`load`](Self::load); [`CacheError::Apply`] when the applier
+    /// As for [`load`](Self::load); [`Error::Apply`] when the applier
     /// refuses the snapshot.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: dropped before it resolves, the snapshot may or may not
     /// have been applied; nothing is written.
-    pub async fn restore<A: Applier<T>>(
-        &self,
-        applier: &A,
-    ) -> Result<Option<Revision>, CacheError> {
+    pub async fn restore<A: Applier<T>>(&self, applier: &A) -> Result<Option<Revision>, Error> {
         let Some(snapshot) = self.load().await? else {
             return Ok(None);
         };
         let revision = snapshot.revision;
-        applier.apply(snapshot).await.map_err(CacheError::Apply)?;
+        applier.apply(snapshot).await.map_err(Error::Apply)?;
         Ok(Some(revision))
     }
 
@@ -467,13 +464,13 @@ where
     ///
     /// # Errors
     ///
-    /// The save's error; [`CacheError::Disposed`] after `dispose`.
+    /// The save's error; [`Error::Disposed`] after `dispose`.
     ///
     /// # Cancel safety
     ///
     /// Dropping it may leave the pending save unwritten; the previous stored
     /// copy stays intact (saves replace the file atomically).
-    pub async fn flush(&self) -> Result<(), CacheError> {
+    pub async fn flush(&self) -> Result<(), Error> {
         self.command(Command::Flush).await
     }
 
@@ -487,12 +484,12 @@ where
     /// # Cancel safety
     ///
     /// As for [`flush`](Self::flush).
-    pub async fn dispose(&self) -> Result<(), CacheError> {
+    pub async fn dispose(&self) -> Result<(), Error> {
         let result = self.command(Command::Dispose).await;
         // Already set by the saver; also when it had gone.
         self.inner.disposed.store(true, Ordering::Release);
         match result {
-            Err(CacheError::Disposed) => Ok(()),
+            Err(Error::Disposed) => Ok(()),
             other => other,
         }
     }
@@ -501,12 +498,12 @@ where
     ///
     /// # Errors
     ///
-    /// [`CacheError::Storage`].
+    /// [`Error::Storage`].
     ///
     /// # Cancel safety
     ///
     /// Dropped before it resolves, the stored copy may or may not be removed.
-    pub async fn clear(&self) -> Result<(), CacheError> {
+    pub async fn clear(&self) -> Result<(), Error> {
         lock(&self.inner.pending).snapshot = None;
         self.inner
             .settings
@@ -525,14 +522,14 @@ where
 
     async fn command(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), CacheError>>) -> Command,
-    ) -> Result<(), CacheError> {
+        make: impl FnOnce(oneshot::Sender<Result<(), Error>>) -> Command,
+    ) -> Result<(), Error> {
         let (ack, done) = oneshot::channel();
         self.commands
             .send(make(ack))
             .await
-            .map_err(|_| CacheError::Disposed)?;
-        done.await.unwrap_or(Err(CacheError::Disposed))
+            .map_err(|_| Error::Disposed)?;
+        done.await.unwrap_or(Err(Error::Disposed))
     }
 }
 
@@ -559,21 +556,21 @@ where
         }
     }
 
-    fn migrate(&self, stored: u32, json: &[u8]) -> Result<Value, CacheError> {
+    fn migrate(&self, stored: u32, json: &[u8]) -> Result<Value, Error> {
         if stored > self.settings.schema {
-            return Err(CacheError::FutureVersion {
+            return Err(Error::FutureVersion {
                 stored,
                 current: self.settings.schema,
             });
         }
-        let mut value: Value = serde_json::from_slice(json).map_err(CacheError::Invalid)?;
+        let mut value: Value = serde_json::from_slice(json).map_err(Error::Invalid)?;
         for from in stored..self.settings.schema {
             let step = self
                 .settings
                 .migrations
                 .get(&from)
-                .ok_or(CacheError::MissingMigration { from })?;
-            value = step(value).map_err(|source| CacheError::MigrationFailed { from, source })?;
+                .ok_or(Error::MissingMigration { from })?;
+            value = step(value).map_err(|source| Error::MigrationFailed { from, source })?;
         }
         if stored < self.settings.schema {
             self.emit(&CacheEvent::Migrated {
@@ -609,7 +606,7 @@ where
 
     /// Saves the staged snapshot, if any. A failed save leaves it staged
     /// unless a newer one arrived meanwhile.
-    async fn save_pending(&self) -> Result<(), CacheError> {
+    async fn save_pending(&self) -> Result<(), Error> {
         let snapshot = {
             let mut pending = lock(&self.pending);
             let Some(snapshot) = pending.snapshot.take() else {
@@ -667,7 +664,7 @@ where
     /// Saves until nothing is staged, then refuses further stages, under
     /// the lock `stage` takes. Gives up after a failed save, or after a few
     /// rounds if snapshots keep arriving.
-    async fn final_save(&self) -> Result<(), CacheError> {
+    async fn final_save(&self) -> Result<(), Error> {
         for _ in 0..16 {
             self.save_pending().await?;
             let pending = lock(&self.pending);
@@ -681,8 +678,8 @@ where
         Ok(())
     }
 
-    async fn write(&self, snapshot: &SnapshotEnvelope<T>) -> Result<format::Encoded, CacheError> {
-        let json = serde_json::to_vec(&snapshot.data).map_err(CacheError::Encode)?;
+    async fn write(&self, snapshot: &SnapshotEnvelope<T>) -> Result<format::Encoded, Error> {
+        let json = serde_json::to_vec(&snapshot.data).map_err(Error::Encode)?;
         let saved_at_ms = (self.settings.clock)()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

@@ -2,6 +2,9 @@
 
 use state_sync::BoxError;
 
+/// `Result` with the cache's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// Loading or saving the cache failed.
 ///
 /// A cached record that fails to load is left where it is: nothing is
@@ -9,7 +12,7 @@ use state_sync::BoxError;
 /// from its first fetch, and its next save overwrites the record.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum CacheError {
+pub enum Error {
     /// The storage backend failed.
     #[error("cache storage failed")]
     Storage(#[from] state_sync_storage::Error),

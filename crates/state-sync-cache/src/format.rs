@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::CacheError;
+use crate::error::Error;
 
 const MAGIC: &[u8] = b"SSC1 ";
 
@@ -73,13 +73,13 @@ pub(crate) fn encode(
     schema: u32,
     saved_at_ms: u64,
     compression: Compression,
-) -> Result<(Vec<u8>, Encoded), CacheError> {
+) -> Result<(Vec<u8>, Encoded), Error> {
     let (codec, payload) = match compression {
         Compression::None => (Codec::None, json.to_vec()),
         #[cfg(feature = "zstd")]
         Compression::Zstd { level } => (
             Codec::Zstd,
-            zstd::bulk::compress(json, level).map_err(CacheError::Compression)?,
+            zstd::bulk::compress(json, level).map_err(Error::Compression)?,
         ),
     };
     let header = Header {
@@ -89,7 +89,7 @@ pub(crate) fn encode(
         crc32: crc32fast::hash(&payload),
         len: payload.len(),
     };
-    let header = serde_json::to_vec(&header).map_err(CacheError::Encode)?;
+    let header = serde_json::to_vec(&header).map_err(Error::Encode)?;
     let mut out = Vec::with_capacity(MAGIC.len() + header.len() + 1 + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&header);
@@ -103,8 +103,8 @@ pub(crate) fn encode(
 }
 
 /// Checks and unpacks a stored record: its header and the value's JSON.
-pub(crate) fn decode(stored: &[u8]) -> Result<(Header, Vec<u8>), CacheError> {
-    let corrupt = |reason: &str| CacheError::Corrupt {
+pub(crate) fn decode(stored: &[u8]) -> Result<(Header, Vec<u8>), Error> {
+    let corrupt = |reason: &str| Error::Corrupt {
         reason: reason.to_owned(),
     };
     let rest = stored
@@ -161,16 +161,13 @@ mod tests {
 
             let mut flipped = bytes.clone();
             *flipped.last_mut().unwrap() ^= 0x40;
-            assert!(matches!(decode(&flipped), Err(CacheError::Corrupt { .. })));
+            assert!(matches!(decode(&flipped), Err(Error::Corrupt { .. })));
             assert!(matches!(
                 decode(&bytes[..bytes.len() - 1]),
-                Err(CacheError::Corrupt { .. })
+                Err(Error::Corrupt { .. })
             ));
         }
-        assert!(matches!(
-            decode(b"garbage"),
-            Err(CacheError::Corrupt { .. })
-        ));
+        assert!(matches!(decode(b"garbage"), Err(Error::Corrupt { .. })));
     }
 
     #[cfg(feature = "zstd")]

@@ -38,11 +38,11 @@ pub mod fuzzing {
     /// # Errors
     ///
     /// What is wrong with them.
-    pub fn decode(stored: &[u8]) -> Result<(u32, Vec<u8>), crate::CacheError> {
+    pub fn decode(stored: &[u8]) -> Result<(u32, Vec<u8>), crate::Error> {
         crate::format::decode(stored).map(|(header, json)| (header.schema, json))
     }
 }
 
 pub use cache::{CacheBuilder, CacheEvent, CacheStats, CachingApplier, SnapshotCache};
-pub use error::CacheError;
+pub use error::{Error, Result};
 pub use format::Compression;

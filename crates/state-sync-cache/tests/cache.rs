@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{MemorySource, Revision, SnapshotEnvelope, SyncHandle, Topic};
-use state_sync_cache::{CacheError, CacheEvent, Compression, SnapshotCache};
+use state_sync_cache::{CacheEvent, Compression, Error, SnapshotCache};
 use state_sync_storage::conformance::FaultyStorage;
 use state_sync_storage::{FileStorage, MemoryStorage, Record, Storage};
 
@@ -154,7 +154,7 @@ async fn bad_versions_and_values_are_clear_errors_and_touch_nothing() {
 
     let missing = at(3).migration(2, Ok::<_, &str>).build().load().await;
     assert!(
-        matches!(missing, Err(CacheError::MissingMigration { from: 1 })),
+        matches!(missing, Err(Error::MissingMigration { from: 1 })),
         "{missing:?}"
     );
 
@@ -164,7 +164,7 @@ async fn bad_versions_and_values_are_clear_errors_and_touch_nothing() {
         .load()
         .await;
     assert!(
-        matches!(failing, Err(CacheError::MigrationFailed { from: 1, .. })),
+        matches!(failing, Err(Error::MigrationFailed { from: 1, .. })),
         "{failing:?}"
     );
 
@@ -179,10 +179,7 @@ async fn bad_versions_and_values_are_clear_errors_and_touch_nothing() {
         .build()
         .load()
         .await;
-    assert!(
-        matches!(refused, Err(CacheError::Validation(_))),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(Error::Validation(_))), "{refused:?}");
 
     cached_at(&storage, 5, json!({"theme": "future"})).await;
     let stored = storage.load(&topic()).await.unwrap().or(stored);
@@ -190,7 +187,7 @@ async fn bad_versions_and_values_are_clear_errors_and_touch_nothing() {
     assert!(
         matches!(
             future,
-            Err(CacheError::FutureVersion {
+            Err(Error::FutureVersion {
                 stored: 5,
                 current: 3
             })
@@ -203,7 +200,7 @@ async fn bad_versions_and_values_are_clear_errors_and_touch_nothing() {
         .load()
         .await;
     assert!(
-        matches!(wrong_shape, Err(CacheError::Invalid(_))),
+        matches!(wrong_shape, Err(Error::Invalid(_))),
         "{wrong_shape:?}"
     );
     assert_eq!(
@@ -227,7 +224,7 @@ async fn corrupt_records_are_reported_not_replaced() {
     let cache = SnapshotCache::<Settings>::builder(topic(), storage.clone()).build();
     let error = cache.load().await.unwrap_err();
     assert!(
-        matches!(&error, CacheError::Corrupt { reason } if reason.contains("checksum")),
+        matches!(&error, Error::Corrupt { reason } if reason.contains("checksum")),
         "{error}"
     );
     assert_eq!(storage.load(&topic()).await.unwrap(), Some(record));
@@ -239,10 +236,7 @@ async fn corrupt_records_are_reported_not_replaced() {
         )
         .await
         .unwrap();
-    assert!(matches!(
-        cache.load().await,
-        Err(CacheError::Corrupt { .. })
-    ));
+    assert!(matches!(cache.load().await, Err(Error::Corrupt { .. })));
 }
 
 #[tokio::test]
@@ -427,7 +421,7 @@ async fn flush_saves_now_and_dispose_stops_saving() {
         Some(Revision::new(2)),
         "saved after dispose"
     );
-    assert!(matches!(cache.flush().await, Err(CacheError::Disposed)));
+    assert!(matches!(cache.flush().await, Err(Error::Disposed)));
 }
 
 #[tokio::test]
@@ -549,7 +543,7 @@ async fn a_snapshot_staged_while_dispose_saves_is_saved_too() {
     assert_eq!(saved(storage.records()).await, Some(Revision::new(2)));
     // After dispose, nothing more is staged or saved.
     staged(&cache, 3);
-    assert!(matches!(cache.flush().await, Err(CacheError::Disposed)));
+    assert!(matches!(cache.flush().await, Err(Error::Disposed)));
     assert_eq!(saved(storage.records()).await, Some(Revision::new(2)));
 }
 

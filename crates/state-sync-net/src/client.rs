@@ -21,6 +21,7 @@ use state_sync::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
 use crate::protocol::{ClientMessage, ErrorCode, HubStatus, Secret, ServerMessage};
 use crate::remote_topic::RemoteTopic;
 
@@ -139,9 +140,9 @@ impl ClientOptions {
 
     /// How long a request may take, waiting for the connection included: a
     /// request made while the client (re)connects waits for it, then fails
-    /// with [`ClientError::Timeout`]. A client that stopped retrying
+    /// with [`Error::Timeout`]. A client that stopped retrying
     /// (refused, gave up) fails requests at once with
-    /// [`ClientError::Disconnected`].
+    /// [`Error::Disconnected`].
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -187,49 +188,6 @@ pub enum ConnectionStatus {
     GaveUp(String),
     /// The client was dropped.
     Closed,
-}
-
-/// A request failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// Not connected (or the connection dropped before the answer).
-    #[error("not connected to the hub")]
-    Disconnected,
-    /// No answer within the request timeout.
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    /// A compare-and-set found another revision.
-    #[error("conflict: the topic is at revision {current}")]
-    Conflict {
-        /// The topic's current revision.
-        current: Revision,
-    },
-    /// The server refused the request.
-    #[error("server error `{code}`: {message}")]
-    Server {
-        /// The stable error code.
-        code: ErrorCode,
-        /// The server's explanation.
-        message: String,
-    },
-    /// The server sent something this client does not understand.
-    #[error("unexpected answer from the server: {0}")]
-    Protocol(String),
-    /// The value could not be encoded or decoded.
-    #[error("invalid JSON: {0}")]
-    Json(String),
-}
-
-impl ClientError {
-    /// The server's error code, if the server refused the request.
-    #[must_use]
-    pub fn code(&self) -> Option<ErrorCode> {
-        match self {
-            ClientError::Server { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
 }
 
 /// A connection to a hub server, shared by every topic of this process.
@@ -438,17 +396,17 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`ClientError`].
+    /// [`Error`].
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: it only reads.
-    pub async fn get_json(&self, topic: impl AsRef<str>) -> Result<(Revision, Bytes), ClientError> {
+    pub async fn get_json(&self, topic: impl AsRef<str>) -> Result<(Revision, Bytes), Error> {
         match self.fetch(topic.as_ref(), None).await? {
             Fetched::Snapshot(s) => Ok((s.revision, s.data)),
-            Fetched::NotModified { .. } => Err(ClientError::Protocol(
-                "not modified without a revision".into(),
-            )),
+            Fetched::NotModified { .. } => {
+                Err(Error::Protocol("not modified without a revision".into()))
+            }
         }
     }
 
@@ -457,8 +415,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`ClientError::Conflict`] with the current revision;
-    /// [`ClientError::Json`] when `data` is not JSON; others.
+    /// [`Error::Conflict`] with the current revision;
+    /// [`Error::Json`] when `data` is not JSON; others.
     ///
     /// # Cancel safety
     ///
@@ -469,9 +427,9 @@ impl Client {
         topic: impl AsRef<str>,
         data: impl Into<String>,
         expected: Option<Revision>,
-    ) -> Result<Revision, ClientError> {
+    ) -> Result<Revision, Error> {
         let data = serde_json::value::RawValue::from_string(data.into())
-            .map_err(|e| ClientError::Json(e.to_string()))?;
+            .map_err(|e| Error::Json(e.to_string()))?;
         let id = self.next_id();
         let message = ClientMessage::Set {
             id,
@@ -487,7 +445,7 @@ impl Client {
             } => Ok(revision),
             ServerMessage::Conflict {
                 current_revision, ..
-            } => Err(ClientError::Conflict {
+            } => Err(Error::Conflict {
                 current: current_revision,
             }),
             other => Err(unexpected(other)),
@@ -508,8 +466,8 @@ impl Client {
         topic: impl AsRef<str>,
         value: &T,
         expected: Option<Revision>,
-    ) -> Result<Revision, ClientError> {
-        let data = serde_json::to_string(value).map_err(|e| ClientError::Json(e.to_string()))?;
+    ) -> Result<Revision, Error> {
+        let data = serde_json::to_string(value).map_err(|e| Error::Json(e.to_string()))?;
         self.set_json(topic, data, expected).await
     }
 
@@ -519,12 +477,12 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`ClientError`].
+    /// [`Error`].
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: it only reads.
-    pub async fn hub_status(&self) -> Result<HubStatus, ClientError> {
+    pub async fn hub_status(&self) -> Result<HubStatus, Error> {
         let id = self.next_id();
         match self.request(id, &ClientMessage::Status { id }).await? {
             ServerMessage::Status { status, .. } => Ok(status),
@@ -536,7 +494,7 @@ impl Client {
         &self,
         topic: &str,
         if_newer_than: Option<Revision>,
-    ) -> Result<Fetched<Bytes>, ClientError> {
+    ) -> Result<Fetched<Bytes>, Error> {
         let id = self.next_id();
         let message = ClientMessage::Get {
             id,
@@ -556,11 +514,7 @@ impl Client {
         self.inner.shared.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn request(
-        &self,
-        id: u64,
-        message: &ClientMessage,
-    ) -> Result<ServerMessage, ClientError> {
+    async fn request(&self, id: u64, message: &ClientMessage) -> Result<ServerMessage, Error> {
         self.inner.shared.request(id, message).await
     }
 }
@@ -574,21 +528,17 @@ impl fmt::Debug for Client {
     }
 }
 
-fn unexpected(message: ServerMessage) -> ClientError {
+fn unexpected(message: ServerMessage) -> Error {
     match message {
-        ServerMessage::Error { code, message, .. } => ClientError::Server { code, message },
-        other => ClientError::Protocol(format!("{other:?}")),
+        ServerMessage::Error { code, message, .. } => Error::Server { code, message },
+        other => Error::Protocol(format!("{other:?}")),
     }
 }
 
 impl Shared {
-    async fn request(
-        &self,
-        id: u64,
-        message: &ClientMessage,
-    ) -> Result<ServerMessage, ClientError> {
+    async fn request(&self, id: u64, message: &ClientMessage) -> Result<ServerMessage, Error> {
         let frame =
-            Bytes::from(serde_json::to_vec(message).map_err(|e| ClientError::Json(e.to_string()))?);
+            Bytes::from(serde_json::to_vec(message).map_err(|e| Error::Json(e.to_string()))?);
         let timeout = self.options.request_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let outgoing = self.connection_by(deadline).await?;
@@ -596,17 +546,17 @@ impl Shared {
         lock(&self.waiting).insert(id, reply);
         if outgoing.send(frame).await.is_err() {
             lock(&self.waiting).remove(&id);
-            return Err(ClientError::Disconnected);
+            return Err(Error::Disconnected);
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(ServerMessage::Error { code, message, .. })) => {
-                Err(ClientError::Server { code, message })
+                Err(Error::Server { code, message })
             }
             Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Ok(Err(_)) => Err(Error::Disconnected),
             Err(_) => {
                 lock(&self.waiting).remove(&id);
-                Err(ClientError::Timeout(timeout))
+                Err(Error::Timeout(timeout))
             }
         }
     }
@@ -617,7 +567,7 @@ impl Shared {
     async fn connection_by(
         &self,
         deadline: tokio::time::Instant,
-    ) -> Result<mpsc::Sender<Bytes>, ClientError> {
+    ) -> Result<mpsc::Sender<Bytes>, Error> {
         let mut status = self.status.subscribe();
         loop {
             if let Some(outgoing) = lock(&self.outgoing).clone() {
@@ -629,12 +579,12 @@ impl Shared {
                     | ConnectionStatus::GaveUp(_)
                     | ConnectionStatus::Closed
             ) {
-                return Err(ClientError::Disconnected);
+                return Err(Error::Disconnected);
             }
             match tokio::time::timeout_at(deadline, status.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(ClientError::Disconnected),
-                Err(_) => return Err(ClientError::Timeout(self.options.request_timeout)),
+                Ok(Err(_)) => return Err(Error::Disconnected),
+                Err(_) => return Err(Error::Timeout(self.options.request_timeout)),
             }
         }
     }
@@ -709,7 +659,7 @@ impl Shared {
     /// # Cancel safety
     ///
     /// Cancel-safe: a cancelled subscribe gives its claim back.
-    pub(crate) async fn ensure_subscribed(&self, topic: &Topic) -> Result<(), ClientError> {
+    pub(crate) async fn ensure_subscribed(&self, topic: &Topic) -> Result<(), Error> {
         loop {
             let current = self.connection.load(Ordering::Acquire);
             let (claimed, mut outcome) = {
@@ -754,7 +704,7 @@ impl Shared {
 
     /// Asks the hub for `topic`'s revision again (a probe), catching a
     /// subscription that went deaf.
-    pub(crate) async fn probe(&self, topic: &Topic) -> Result<(), ClientError> {
+    pub(crate) async fn probe(&self, topic: &Topic) -> Result<(), Error> {
         self.subscribe_remote(topic).await
     }
 
@@ -771,7 +721,7 @@ impl Shared {
     }
 
     /// Subscribes `topic` on the current connection.
-    async fn subscribe_remote(&self, topic: &Topic) -> Result<(), ClientError> {
+    async fn subscribe_remote(&self, topic: &Topic) -> Result<(), Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let message = ClientMessage::Subscribe {
             id,
@@ -832,7 +782,7 @@ impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
                 .await;
         match connected {
             Ok(ConnectionStatus::Connected) => shared.ensure_subscribed(topic).await?,
-            _ => return Err(ClientError::Disconnected.into()),
+            _ => return Err(Error::Disconnected.into()),
         }
         pending.kept = true;
         let weak = Arc::downgrade(&shared);
@@ -912,7 +862,7 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
                 }
             };
             let fetched = fetched.map_err(|e| match e {
-                ClientError::Server {
+                Error::Server {
                     code: ErrorCode::InvalidRevision,
                     ..
                 } => FetchError::Protocol(

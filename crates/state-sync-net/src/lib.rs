@@ -19,6 +19,7 @@
 mod access;
 mod client;
 mod connection;
+mod error;
 mod frames;
 mod metrics;
 mod platform;
@@ -27,7 +28,8 @@ mod remote_topic;
 mod server;
 
 pub use access::{AccessConfig, AccessConfigError, ClientAccess, Grant};
-pub use client::{Client, ClientError, ClientOptions, ConnectionStatus, Endpoint};
+pub use client::{Client, ClientOptions, ConnectionStatus, Endpoint};
+pub use error::{Error, Result};
 pub use protocol::{ErrorCode, HubStatus, PROTOCOL_VERSION, Secret, TopicStatus};
 pub use remote_topic::RemoteTopic;
 pub use server::{Server, ServerConfig, ServerStats};

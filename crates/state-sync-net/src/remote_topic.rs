@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use state_sync::{BoxError, Revision, Topic};
 use state_sync_hub::{Error as HubError, SharedTopic, Snapshot, TopicValue};
 
-use crate::client::{Client, ClientError};
+use crate::client::Client;
+use crate::error::Error;
 use crate::protocol::ErrorCode;
 
 /// Compare-and-set attempts of [`SharedTopic::update`] before it gives up
@@ -146,15 +147,15 @@ impl<T: TopicValue> RemoteTopic<T> {
 
     /// The hub's error for what the client reported, with the same variant
     /// an in-process hub would give where there is one.
-    fn hub_error(&self, error: ClientError, expected: Option<Revision>) -> HubError {
+    fn hub_error(&self, error: Error, expected: Option<Revision>) -> HubError {
         let topic = self.topic.clone();
         match error {
-            ClientError::Conflict { current } => HubError::Conflict {
+            Error::Conflict { current } => HubError::Conflict {
                 topic,
                 expected: expected.unwrap_or(Revision::ZERO),
                 current,
             },
-            ClientError::Server { code, message } => match code {
+            Error::Server { code, message } => match code {
                 ErrorCode::UnknownTopic => HubError::UnknownTopic { topic },
                 ErrorCode::Damaged => HubError::Damaged {
                     topic,

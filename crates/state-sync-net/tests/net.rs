@@ -12,7 +12,7 @@ use state_sync::Revision;
 use state_sync::testkit::WithinLimit;
 use state_sync_hub::Hub;
 use state_sync_net::{
-    AccessConfig, Client, ClientAccess, ClientError, ConnectionStatus, Endpoint, Server,
+    AccessConfig, Client, ClientAccess, ConnectionStatus, Endpoint, Error as ClientError, Server,
     ServerConfig,
 };
 use state_sync_storage::{FileStorage, Storage};

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use state_sync::{RetryPolicy, Revision, SnapshotEnvelope, SyncHandle, applier};
 use state_sync_hub::Hub;
 use state_sync_net::{
-    AccessConfig, Client, ClientError, ClientOptions, Endpoint, Server, ServerConfig,
+    AccessConfig, Client, ClientOptions, Endpoint, Error as ClientError, Server, ServerConfig,
 };
 use state_sync_postgres::PostgresStorage;
 use state_sync_postgres::testkit::PostgresServer;

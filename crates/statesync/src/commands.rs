@@ -9,8 +9,8 @@ use serde_json::Value;
 use state_sync::{RetryPolicy, Revision, SyncHandle, applier};
 use state_sync_hub::Hub;
 use state_sync_net::{
-    AccessConfig, Client, ClientAccess, ClientError, ClientOptions, ConnectionStatus, Endpoint,
-    ErrorCode, HubStatus, Server,
+    AccessConfig, Client, ClientAccess, ClientOptions, ConnectionStatus, Endpoint,
+    Error as ClientError, ErrorCode, HubStatus, Server,
 };
 use state_sync_postgres::PostgresStorage;
 use state_sync_redis::RedisStorage;

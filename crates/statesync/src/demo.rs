@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::Value;
 use state_sync::Revision;
-use state_sync_net::{Client, ClientError, ClientOptions};
+use state_sync_net::{Client, ClientOptions, Error as ClientError};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use state_sync::Revision;
 use state_sync::testkit::WithinLimit;
-use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use state_sync_net::{Client, ClientOptions, Endpoint, Error as ClientError};
 
 mod common;
 

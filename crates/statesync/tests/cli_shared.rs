@@ -12,7 +12,7 @@ use common::*;
 use serde_json::json;
 use state_sync::Revision;
 use state_sync::testkit::WithinLimit;
-use state_sync_net::{Client, ClientError, ClientOptions, Endpoint};
+use state_sync_net::{Client, ClientOptions, Endpoint, Error as ClientError};
 use state_sync_postgres::testkit::PostgresServer;
 use state_sync_redis::testkit::RedisServer;
 
