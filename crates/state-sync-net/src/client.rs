@@ -4,10 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -15,161 +13,17 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use state_sync::{
     BoxError, FetchError, FetchRequest, Fetched, InvalidationEvent, InvalidationSink,
-    ProtocolError, ProtocolErrorKind, Provider, RetryPolicy, Revision, SnapshotEnvelope,
-    Subscriber, Subscription, Topic,
+    ProtocolError, ProtocolErrorKind, Provider, Revision, SnapshotEnvelope, Subscriber,
+    Subscription, Topic,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::client_options::ClientOptions;
+pub use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::protocol::{ClientMessage, ErrorCode, HubStatus, Secret, ServerMessage};
+use crate::protocol::{ClientMessage, ErrorCode, HubStatus, ServerMessage};
 use crate::remote_topic::RemoteTopic;
-
-/// Where a hub listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// A Unix socket path (Unix only).
-    Unix(PathBuf),
-    /// A named local socket (see `Server::listen_local`): a named pipe on
-    /// Windows, an abstract-namespace socket on Linux.
-    Local(String),
-    /// A WebSocket URL, e.g. `ws://127.0.0.1:7700`.
-    WebSocket(String),
-}
-
-impl Endpoint {
-    /// The data directory `statesync serve` uses by default: `state-sync`
-    /// under the user's data directory (`~/.local/share` on Linux,
-    /// `~/Library/Application Support` on macOS, `%APPDATA%` on Windows).
-    #[must_use]
-    pub fn default_data_dir() -> PathBuf {
-        dirs::data_dir()
-            .unwrap_or_else(std::env::temp_dir)
-            .join("state-sync")
-    }
-
-    /// Where `statesync serve --data-dir DIR` listens: `hub.sock` in `DIR`
-    /// on Unix, a named pipe named after `DIR` on Windows.
-    #[must_use]
-    pub fn in_data_dir(dir: impl AsRef<std::path::Path>) -> Endpoint {
-        crate::platform::endpoint_in(dir.as_ref())
-    }
-}
-
-/// Where `statesync serve` listens with no options: the socket of the
-/// [default data directory](Endpoint::default_data_dir) (a named pipe on
-/// Windows). `Client::connect(Endpoint::default(), …)` reaches it with no
-/// path in the code.
-impl Default for Endpoint {
-    fn default() -> Self {
-        Endpoint::in_data_dir(Endpoint::default_data_dir())
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
-            Endpoint::Local(name) => write!(f, "local:{name}"),
-            Endpoint::WebSocket(url) => f.write_str(url),
-        }
-    }
-}
-
-/// How a [`Client`] connects and behaves.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ClientOptions {
-    /// A name for the server's logs; also the default `sourceId` of writes.
-    pub client_id: String,
-    /// The access token, if the server requires one (never shown by
-    /// `Debug`).
-    pub token: Option<Secret>,
-    /// Reconnect delays (default: 100 ms doubling to 5 s, with jitter,
-    /// forever).
-    pub reconnect: RetryPolicy,
-    /// How long a request waits for its answer (default 10 s).
-    pub request_timeout: Duration,
-    /// How often to ping an idle connection (default 15 s). A connection
-    /// that stays silent for two intervals is considered dead.
-    pub ping_interval: Duration,
-    /// Optionally, how often to ask the revision of every subscribed topic,
-    /// to catch a subscription that went deaf (default: off).
-    pub probe_interval: Option<Duration>,
-    /// Largest frame sent or accepted (default 1 MiB, as the server).
-    pub max_frame_bytes: usize,
-    /// Whether to ask the server to carry small snapshots inside
-    /// invalidations (default `true`): a replica then applies a new
-    /// revision without a fetch round trip. Larger snapshots, and every
-    /// refresh after a reconnect, are still fetched.
-    pub inline_snapshots: bool,
-}
-
-impl ClientOptions {
-    /// Defaults, with `client_id`.
-    pub fn new(client_id: impl Into<String>) -> Self {
-        ClientOptions {
-            client_id: client_id.into(),
-            token: None,
-            reconnect: RetryPolicy::default()
-                .max_attempts(u32::MAX)
-                .initial_delay(Duration::from_millis(100))
-                .max_delay(Duration::from_secs(5))
-                .jitter(true),
-            request_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(15),
-            probe_interval: None,
-            max_frame_bytes: 1 << 20,
-            inline_snapshots: true,
-        }
-    }
-
-    /// Sets the access token.
-    #[must_use]
-    pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(Secret::new(token));
-        self
-    }
-
-    /// Sets the reconnect policy.
-    #[must_use]
-    pub fn reconnect(mut self, policy: RetryPolicy) -> Self {
-        self.reconnect = policy;
-        self
-    }
-
-    /// How long a request may take, waiting for the connection included: a
-    /// request made while the client (re)connects waits for it, then fails
-    /// with [`Error::Timeout`]. A client that stopped retrying
-    /// (refused, gave up) fails requests at once with
-    /// [`Error::Disconnected`].
-    #[must_use]
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// Sets the ping interval.
-    #[must_use]
-    pub fn ping_interval(mut self, interval: Duration) -> Self {
-        self.ping_interval = interval;
-        self
-    }
-
-    /// Turns on the periodic revision probe.
-    #[must_use]
-    pub fn probe_interval(mut self, interval: Duration) -> Self {
-        self.probe_interval = Some(interval);
-        self
-    }
-
-    /// Sets whether invalidations should carry small snapshots.
-    #[must_use]
-    pub fn inline_snapshots(mut self, inline: bool) -> Self {
-        self.inline_snapshots = inline;
-        self
-    }
-}
 
 /// The state of a client's connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

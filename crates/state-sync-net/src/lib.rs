@@ -18,7 +18,9 @@
 
 mod access;
 mod client;
+mod client_options;
 mod connection;
+mod endpoint;
 mod error;
 mod frames;
 mod metrics;

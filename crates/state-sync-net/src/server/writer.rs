@@ -1,0 +1,92 @@
+//! A connection's writer: answers and pending invalidations, each write
+//! within the write timeout.
+
+use super::*;
+
+/// Sends one frame within the write timeout.
+pub(super) async fn send_within(
+    sink: &mut FrameSink,
+    frame: Bytes,
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, sink.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err(format!(
+            "no write progress for {limit:?}: the peer is not reading"
+        )),
+    }
+}
+
+/// Sends a last frame and closes, both within the write timeout.
+pub(super) async fn send_and_close(sink: &mut FrameSink, frame: Bytes, limit: Duration) {
+    if send_within(sink, frame, limit).await.is_ok() {
+        let _ = tokio::time::timeout(limit, sink.close()).await;
+    }
+}
+
+/// An answer waiting to be written, holding its room in the queue budgets.
+pub(super) struct Queued {
+    pub(super) frame: Bytes,
+    pub(super) _room: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Writes answers and pending invalidations until the reader is done, each
+/// write within the write timeout. A connection that cannot be written to
+/// is closed, with the reason logged, never left silent.
+pub(super) async fn write_loop(
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    mut sink: FrameSink,
+    mut answers: mpsc::Receiver<Queued>,
+    unwritable: CancellationToken,
+    peer: Peer,
+) {
+    let counters = &shared.counters;
+    let limit = shared.config.write_timeout;
+    let mut batch: Vec<Pending> = Vec::new();
+    loop {
+        let result = tokio::select! {
+            biased;
+            answer = answers.recv() => match answer {
+                Some(queued) => {
+                    crate::metrics::bytes_out(peer.transport, queued.frame.len());
+                    send_within(&mut sink, queued.frame, limit).await
+                }
+                None => break,
+            },
+            () = connection.wake.notified() => {
+                batch.extend(lock(&connection.pending).drain().map(|(_, pending)| pending));
+                let written = async {
+                    for Pending { frame, inlined } in batch.drain(..) {
+                        counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::invalidation_sent(inlined);
+                        crate::metrics::bytes_out(peer.transport, frame.len());
+                        if inlined > 0 {
+                            counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
+                            counters
+                                .snapshot_bytes_inlined
+                                .fetch_add(inlined as u64, Ordering::Relaxed);
+                        }
+                        sink.feed(frame).await?;
+                    }
+                    sink.flush().await
+                };
+                match tokio::time::timeout(limit, written).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(format!("write failed: {e}")),
+                    Err(_) => Err(format!("no write progress for {limit:?}: the peer is not reading")),
+                }
+            }
+        };
+        if let Err(reason) = result {
+            counters
+                .connections_closed_unwritable
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, %reason, "closing the connection");
+            unwritable.cancel();
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(limit, sink.close()).await;
+}
