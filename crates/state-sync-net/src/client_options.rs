@@ -6,7 +6,7 @@ use state_sync::RetryPolicy;
 
 use crate::protocol::Secret;
 
-/// How a [`Client`] connects and behaves.
+/// How a [`Client`](crate::Client) connects and behaves.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientOptions {
@@ -70,9 +70,9 @@ impl ClientOptions {
 
     /// How long a request may take, waiting for the connection included: a
     /// request made while the client (re)connects waits for it, then fails
-    /// with [`Error::Timeout`]. A client that stopped retrying
+    /// with [`Error::Timeout`](crate::Error::Timeout). A client that stopped retrying
     /// (refused, gave up) fails requests at once with
-    /// [`Error::Disconnected`].
+    /// [`Error::Disconnected`](crate::Error::Disconnected).
     #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;

@@ -1,0 +1,39 @@
+//! The revision gate: the local revision, whether anything was applied,
+//! and whether the handle is closed, read with atomic loads.
+
+use super::*;
+
+/// The lock-free part of a handle that every delivered event touches.
+pub(super) struct Gate {
+    pub(super) topic: Topic,
+    pub(super) local: AtomicU64,
+    pub(super) applied: AtomicBool,
+    pub(super) closed: AtomicBool,
+    /// `wait_for_revision` calls in progress: an apply wakes waiters only
+    /// when there are some (the `Notify` takes a lock).
+    pub(super) waiters: AtomicUsize,
+}
+
+impl Gate {
+    /// Whether a snapshot or event at `revision` is not newer than what was
+    /// applied. Nothing is stale before the first apply.
+    pub(super) fn is_stale(&self, revision: Revision) -> bool {
+        self.applied.load(Ordering::Acquire) && revision.get() <= self.local.load(Ordering::Acquire)
+    }
+
+    /// The last applied revision, `0` before the first apply.
+    pub(super) fn revision(&self) -> Revision {
+        Revision::new(self.local.load(Ordering::Acquire))
+    }
+
+    pub(super) fn local(&self) -> Option<Revision> {
+        self.applied
+            .load(Ordering::Acquire)
+            .then(|| Revision::new(self.local.load(Ordering::Acquire)))
+    }
+
+    pub(super) fn record_applied(&self, revision: Revision) {
+        self.local.store(revision.get(), Ordering::Release);
+        self.applied.store(true, Ordering::Release);
+    }
+}
