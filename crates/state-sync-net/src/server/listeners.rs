@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// Bytes a WebSocket connection reads at a time.
+const WEBSOCKET_READ_BUFFER: usize = 4 * 1024;
+/// Bytes of outgoing frames a WebSocket connection gathers before writing;
+/// a flush (after each batch) writes them anyway.
+const WEBSOCKET_WRITE_BUFFER: usize = 16 * 1024;
+
 impl Server {
     /// Listens on a Unix socket at `path` (mode `0600`: only this user can
     /// connect). Unix only; [`listen_local`](Self::listen_local) works
@@ -91,7 +97,12 @@ impl Server {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         tracing::info!(%local, "listening for websocket connections");
+        // tungstenite allocates its read buffer eagerly, 128 KiB by default:
+        // most of an idle connection's memory. Frames are small; a larger
+        // frame is read in several turns.
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WEBSOCKET_READ_BUFFER)
+            .write_buffer_size(WEBSOCKET_WRITE_BUFFER)
             .max_message_size(Some(self.shared.config.max_frame_bytes))
             .max_frame_size(Some(self.shared.config.max_frame_bytes));
         let accepted = futures::stream::unfold(listener, |listener| async move {
