@@ -43,6 +43,12 @@ pub(crate) struct BenchArgs {
     /// For the temporary hub: `unix` or `websocket`.
     #[arg(long, default_value = "unix", value_parser = ["unix", "websocket"])]
     transport: String,
+    /// Also run what a user would build instead, on a `redis-server` this
+    /// command starts: Redis pub/sub for invalidations plus `GET` of one
+    /// key, coalescing replicas; same clients, rate, document and latency
+    /// definition. Prints both, and the hub's figures as ratios to Redis's.
+    #[arg(long, value_parser = ["redis"])]
+    baseline: Option<String>,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -51,10 +57,71 @@ pub(crate) struct BenchArgs {
 }
 
 /// Per replica: (revision, when applied).
-type Applied = Arc<Mutex<Vec<(Revision, Instant)>>>;
+pub(crate) type Applied<R = Revision> = Arc<Mutex<Vec<(R, Instant)>>>;
+
+/// Convergence latency over a run: per write, from just before it was sent
+/// until the last replica applied it (or a newer revision).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Convergence {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+}
+
+impl Convergence {
+    /// From the writes (revision, when sent) and each replica's log.
+    pub(crate) fn of<R: Ord + Clone>(writes: &[(R, Instant)], logs: &[Applied<R>]) -> Convergence {
+        let logs: Vec<Vec<(R, Instant)>> = logs
+            .iter()
+            .map(|log| log.lock().map(|l| l.clone()).unwrap_or_default())
+            .collect();
+        let mut latencies: Vec<Duration> = writes
+            .iter()
+            .map(|(revision, sent)| {
+                logs.iter()
+                    .map(|log| {
+                        log.iter()
+                            .find(|(r, _)| r >= revision)
+                            .map_or(Duration::MAX, |(_, at)| at.saturating_duration_since(*sent))
+                    })
+                    .max()
+                    .unwrap_or_default()
+            })
+            .collect();
+        latencies.sort();
+        let at = |p: f64| {
+            let i = ((latencies.len().max(1) as f64 - 1.0) * p).round() as usize;
+            latencies.get(i).copied().unwrap_or_default()
+        };
+        let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+        Convergence {
+            p50_ms: ms(at(0.5)),
+            p99_ms: ms(at(0.99)),
+            max_ms: ms(at(1.0)),
+        }
+    }
+}
 
 pub(crate) async fn run(args: BenchArgs) -> u8 {
-    match bench(&args).await {
+    let measured = match bench(&args).await {
+        Ok(hub) if args.baseline.is_some() => {
+            let load = crate::bench_redis::Load {
+                clients: args.clients,
+                writes: args.writes,
+                rate: args.rate,
+                payload_bytes: args.payload_bytes,
+            };
+            match crate::bench_redis::run(load).await {
+                Ok(redis) => Ok(with_baseline(hub, redis)),
+                Err(e) => Err(fail(
+                    exit::FAILURE,
+                    format!("the Redis baseline failed: {e}"),
+                )),
+            }
+        }
+        other => other,
+    };
+    match measured {
         Ok(result) => {
             if args.json {
                 say(result);
@@ -177,24 +244,8 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     let stats_after = writer.hub_status().await.ok();
     progress.done();
 
-    let mut latencies: Vec<Duration> = writes
-        .iter()
-        .map(|(revision, sent)| {
-            replicas
-                .iter()
-                .map(|(_, _, log)| {
-                    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
-                    log.iter()
-                        .find(|(r, _)| r >= revision)
-                        .map_or(Duration::MAX, |(_, at)| at.saturating_duration_since(*sent))
-                })
-                .max()
-                .unwrap_or_default()
-        })
-        .collect();
-    latencies.sort();
-    let at = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+    let logs: Vec<Applied> = replicas.iter().map(|(_, _, log)| log.clone()).collect();
+    let latency = Convergence::of(&writes, &logs);
     let per_write = |v: f64| (v / f64::from(args.writes) * 100.0).round() / 100.0;
     let bytes_out = stats_before.zip(stats_after).map(|(before, after)| {
         let sent = |s: &state_sync_net::HubStatus| {
@@ -214,15 +265,53 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "writes": args.writes,
         "rate_per_sec": args.rate,
         "payload_bytes": args.payload_bytes,
-        "p50_ms": ms(at(0.5)),
-        "p99_ms": ms(at(0.99)),
-        "max_ms": ms(at(1.0)),
+        "p50_ms": latency.p50_ms,
+        "p99_ms": latency.p99_ms,
+        "max_ms": latency.max_ms,
         "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
         "hub_snapshot_bytes_per_write": bytes_out,
     }))
 }
 
+/// The hub's run, Redis's, and the hub's figures over Redis's.
+fn with_baseline(hub: Value, redis: Value) -> Value {
+    let ratio = |a: &Value, b: &Value| {
+        a.as_f64()
+            .zip(b.as_f64())
+            .filter(|(_, b)| *b > 0.0)
+            .map(|(a, b)| (a / b * 100.0).round() / 100.0)
+    };
+    let p50 = ratio(&hub["p50_ms"], &redis["p50_ms"]);
+    let p99 = ratio(&hub["p99_ms"], &redis["p99_ms"]);
+    let bytes = ratio(
+        &hub["hub_snapshot_bytes_per_write"],
+        &redis["redis_bytes_out_per_write"],
+    );
+    json!({
+        "hub_over_redis": {"p50": p50, "p99": p99, "bytes_per_write": bytes},
+        "hub": hub,
+        "redis": redis,
+    })
+}
+
 fn table(result: &Value) -> String {
+    if result.get("redis").is_some() {
+        let redis = &result["redis"];
+        return format!(
+            "{}\n\nbaseline: Redis pub/sub + GET, {} coalescing replicas\n\
+             convergence: p50 {} ms, p99 {} ms, max {} ms; Redis bytes out per write: {}\n\
+             hub over Redis: p50 {}, p99 {}, bytes per write {}",
+            table(&result["hub"]),
+            redis["clients"],
+            redis["p50_ms"],
+            redis["p99_ms"],
+            redis["max_ms"],
+            redis["redis_bytes_out_per_write"],
+            result["hub_over_redis"]["p50"],
+            result["hub_over_redis"]["p99"],
+            result["hub_over_redis"]["bytes_per_write"],
+        );
+    }
     let show = |key: &str| match &result[key] {
         Value::Null => "n/a".to_owned(),
         other => other.to_string(),
