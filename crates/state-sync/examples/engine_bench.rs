@@ -5,7 +5,10 @@
 //! ```
 //!
 //! - `stale_storm`: 1 000 000 invalidations at or below the local revision
-//!   (none may fetch) — the cost of the revision gate;
+//!   1000 (none may fetch), each built in the loop as the JavaScript
+//!   engine's benchmark does (`{topic, revision: String(i % 1000)}`); also
+//!   with the revision given as a number, and through the gate alone with
+//!   prebuilt events;
 //! - `burst`: 100 000 publishes, each with its invalidation, until the
 //!   replica has the last one — the cost of coalescing;
 //! - `fanout`: 10 000 handles on one source, 20 updates each awaited until
@@ -92,6 +95,25 @@ async fn stale_storm() -> Result<(), BoxError> {
     }
     let gate_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
 
+    // As the JavaScript workload does: each event built in the loop, its
+    // revision read from decimal text (`String(i % 1000)`).
+    let t = Instant::now();
+    let mut text = itoa::Buffer::new();
+    for i in 0..EVENTS {
+        let revision: Revision = text.format(black_box(i % 1000)).parse()?;
+        sink.deliver(&InvalidationEvent::new(topic.clone(), revision));
+    }
+    let built_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
+
+    // The same with the revision given as a number, as Rust transports
+    // hand it over.
+    let t = Instant::now();
+    for i in 0..EVENTS {
+        let revision = Revision::new(black_box(i % 1000));
+        sink.deliver(&InvalidationEvent::new(topic.clone(), revision));
+    }
+    let typed_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
+
     let t = Instant::now();
     for i in 0..EVENTS {
         black_box(black_box(&events[(i % 1001) as usize]).clone());
@@ -102,7 +124,7 @@ async fn stale_storm() -> Result<(), BoxError> {
     let extra_fetches = fetches.load(Ordering::Relaxed) - 1;
     assert_eq!(extra_fetches, 0, "a stale event caused a fetch");
     println!(
-        r#"{{"workload":"stale_storm","events":{EVENTS},"ns_per_event":{gate_ns:.2},"fetches":{extra_fetches}}}"#
+        r#"{{"workload":"stale_storm","events":{EVENTS},"ns_per_event":{built_ns:.2},"typed_ns_per_event":{typed_ns:.2},"gate_only_ns_per_event":{gate_ns:.2},"fetches":{extra_fetches}}}"#
     );
     println!(
         r#"{{"workload":"baseline_clone","events":{EVENTS},"ns_per_event":{clone_ns:.2},"ratio_stale_storm_to_baseline":{:.2}}}"#,
@@ -210,8 +232,8 @@ async fn spawn_watch_baseline() -> Result<f64, BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
-    // `engine_bench current_thread|multi_thread` runs only that fan-out
-    // (for profiling).
+    // `engine_bench current_thread|multi_thread` runs only that fan-out,
+    // `engine_bench burst` only the burst, 20 times (for profiling).
     let only = std::env::args().nth(1);
     if only.as_deref() == Some("current_thread") {
         return tokio::runtime::Builder::new_current_thread()
@@ -225,6 +247,18 @@ fn main() -> Result<(), BoxError> {
             .enable_all()
             .build()?;
         return rt.block_on(async { tokio::spawn(fanout("multi_thread(2)")).await? });
+    }
+    if only.as_deref() == Some("burst") {
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(async {
+                for _ in 0..20 {
+                    tokio::spawn(burst()).await??;
+                }
+                Ok(())
+            });
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,13 +1,11 @@
 //! [`MemorySource`]: a source of truth for one topic inside one process.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::lock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::BoxError;
 use crate::protocol::{InvalidationEvent, SnapshotEnvelope};
@@ -48,7 +46,9 @@ struct Inner<T> {
     topic: Topic,
     /// Read by every fetch, written by publishes: readers share it.
     state: RwLock<SnapshotEnvelope<T>>,
-    subscribers: Mutex<HashMap<u64, InvalidationSink>>,
+    /// Copied on write only while a publish is delivering from it, so a
+    /// publish takes the list without allocating.
+    subscribers: Mutex<Arc<Vec<(u64, InvalidationSink)>>>,
     next_id: AtomicU64,
 }
 
@@ -92,7 +92,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
             inner: Arc::new(Inner {
                 topic,
                 state: RwLock::new(SnapshotEnvelope::new(revision, initial)),
-                subscribers: Mutex::new(HashMap::new()),
+                subscribers: Mutex::default(),
                 next_id: AtomicU64::new(0),
             }),
         }
@@ -211,15 +211,11 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
             topic: self.inner.topic.clone(),
             revision,
             source_id,
-            timestamp_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .ok()
-                .and_then(|d| u64::try_from(d.as_millis()).ok()),
+            timestamp_ms: None,
         };
         // Deliver outside every lock: sinks may run user filters.
-        let sinks: Vec<InvalidationSink> =
-            lock(&self.inner.subscribers).values().cloned().collect();
-        for sink in &sinks {
+        let sinks = lock(&self.inner.subscribers).clone();
+        for (_, sink) in sinks.iter() {
             sink.deliver(&event);
         }
     }
@@ -233,11 +229,14 @@ impl<T: Clone + Send + Sync + 'static> Subscriber for MemorySource<T> {
     ) -> impl Future<Output = Result<Subscription, BoxError>> + Send {
         let result = if topic.matches(&self.inner.topic) {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            lock(&self.inner.subscribers).insert(id, sink);
+            Arc::make_mut(&mut lock(&self.inner.subscribers)).push((id, sink));
             let weak = Arc::downgrade(&self.inner);
             Ok(Subscription::new(move || {
                 if let Some(inner) = weak.upgrade() {
-                    lock(&inner.subscribers).remove(&id);
+                    let mut subscribers = lock(&inner.subscribers);
+                    if let Some(at) = subscribers.iter().position(|(i, _)| *i == id) {
+                        Arc::make_mut(&mut subscribers).swap_remove(at);
+                    }
                 }
             }))
         } else {

@@ -128,16 +128,26 @@ impl FromStr for Revision {
         if bytes.is_empty() {
             return Err(ParseRevisionError::Empty);
         }
-        if !bytes.iter().all(u8::is_ascii_digit) {
-            return Err(ParseRevisionError::InvalidDigit(shown(s)));
+        // One pass: every event and snapshot from a transport goes here.
+        let mut value: u64 = 0;
+        let mut overflow = false;
+        for &b in bytes {
+            let digit = b.wrapping_sub(b'0');
+            if digit > 9 {
+                return Err(ParseRevisionError::InvalidDigit(shown(s)));
+            }
+            match value.checked_mul(10).and_then(|v| v.checked_add(u64::from(digit))) {
+                Some(v) => value = v,
+                None => overflow = true,
+            }
         }
         if bytes.len() > 1 && bytes[0] == b'0' {
             return Err(ParseRevisionError::LeadingZero(shown(s)));
         }
-        // Only digits remain, so the one possible failure is overflow.
-        s.parse::<u64>()
-            .map(Revision)
-            .map_err(|_| ParseRevisionError::Overflow(shown(s)))
+        if overflow {
+            return Err(ParseRevisionError::Overflow(shown(s)));
+        }
+        Ok(Revision(value))
     }
 }
 
