@@ -10,7 +10,12 @@
 //! cargo run --release -p state-sync-net --example net_bench
 //! cargo run --release -p state-sync-net --example net_bench -- 1000 unix        # both modes
 //! cargo run --release -p state-sync-net --example net_bench -- 1000 unix pull   # one mode
+//! cargo run --release -p state-sync-net --example net_bench -- idle             # memory
 //! ```
+//!
+//! `idle` measures the server's memory per idle connection: a fresh server
+//! per transport, its RSS before, then with 1 000 and 3 000 connected
+//! replicas, each subscribed to one topic and idle.
 //!
 //! The server runs in a child process (this example, re-executed), so its
 //! RSS is its own. Latency is measured per write from just before the
@@ -56,6 +61,8 @@ async fn server_child(dir: String) -> Result<(), BoxError> {
                 "fetched": s.snapshots_sent,
                 "inlined": s.snapshots_inlined,
                 "bytes": s.snapshot_bytes_sent + s.snapshot_bytes_inlined,
+                "connections": s.connections,
+                "subscriptions": s.subscriptions,
             })
         );
     }
@@ -98,6 +105,18 @@ impl ServerProcess {
         self.stdout.read_line(&mut line)?;
         let v: Value = serde_json::from_str(&line)?;
         Ok(["fetched", "inlined", "bytes"].map(|k| v[k].as_u64().unwrap_or(0)))
+    }
+
+    /// Open connections and subscriptions.
+    fn connections(&mut self) -> Result<(u64, u64), BoxError> {
+        writeln!(self.stdin, "stats")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let v: Value = serde_json::from_str(&line)?;
+        Ok((
+            v["connections"].as_u64().unwrap_or(0),
+            v["subscriptions"].as_u64().unwrap_or(0),
+        ))
     }
 
     fn rss_kib(&self) -> u64 {
@@ -232,6 +251,9 @@ fn main() -> Result<(), BoxError> {
         return runtime.block_on(server_child(dir));
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("idle") {
+        return runtime.block_on(idle_memory());
+    }
     let configs: Vec<(usize, String, String)> = match args.as_slice() {
         [n, transport, mode] => vec![(n.parse()?, transport.clone(), mode.clone())],
         [n, transport] => ["inline", "pull"]
@@ -279,4 +301,70 @@ fn main() -> Result<(), BoxError> {
         }
         Ok(())
     })
+}
+
+/// Server RSS per idle connection, at 1 000 and 3 000 subscribed replicas.
+async fn idle_memory() -> Result<(), BoxError> {
+    for transport in ["unix", "websocket"] {
+        let dir = tempfile::tempdir()?;
+        let mut server = ServerProcess::start(dir.path())?;
+        let endpoint = match transport {
+            "unix" => Endpoint::Unix(server.socket.clone().into()),
+            _ => Endpoint::WebSocket(server.ws.clone()),
+        };
+        // One connection, so the topic's fan-out exists before the count.
+        let mut replicas = vec![idle_replica(&endpoint, 0).await?];
+        settle(&mut server, 1).await?;
+        let base = server.rss_kib();
+        for target in [1000, 3000] {
+            while replicas.len() < target + 1 {
+                replicas.push(idle_replica(&endpoint, replicas.len()).await?);
+            }
+            settle(&mut server, target as u64 + 1).await?;
+            let rss = server.rss_kib();
+            println!(
+                "{}",
+                json!({
+                    "workload": "idle_connections",
+                    "transport": transport,
+                    "connections": target,
+                    "server_rss_kib": rss,
+                    "server_rss_at_one_kib": base,
+                    "kib_per_connection": ((rss.saturating_sub(base)) as f64 / target as f64 * 100.0).round() / 100.0,
+                })
+            );
+        }
+        for (client, handle) in replicas {
+            handle.stop().await;
+            drop(client);
+        }
+    }
+    Ok(())
+}
+
+/// A connected replica subscribed to `bench`, doing nothing more.
+async fn idle_replica(endpoint: &Endpoint, i: usize) -> Result<(Client, SyncHandle), BoxError> {
+    let client = Client::connect(endpoint.clone(), ClientOptions::new(format!("idle-{i}")));
+    let remote = client.topic::<Value>("bench")?;
+    let handle = SyncHandle::builder(
+        remote,
+        applier::from_fn(|_: SnapshotEnvelope<Value>| Ok::<(), std::convert::Infallible>(())),
+    )
+    .build();
+    handle.start().await?;
+    Ok((client, handle))
+}
+
+/// Waits until the server counts `n` subscribed connections, then a
+/// second for its allocator to settle.
+async fn settle(server: &mut ServerProcess, n: u64) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.connections()? != (n, n) {
+        if Instant::now() > deadline {
+            return Err(format!("the server did not reach {n} subscribed connections").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(())
 }

@@ -188,13 +188,24 @@ async fn open(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
         .unwrap_or_else(|_| Err(Failure::Retry(format!("no welcome within {limit:?}"))))
 }
 
+/// Bytes a client's WebSocket reads at a time.
+const WEBSOCKET_READ_BUFFER: usize = 8 * 1024;
+/// Bytes of outgoing frames gathered before writing; each request is
+/// flushed anyway.
+const WEBSOCKET_WRITE_BUFFER: usize = 16 * 1024;
+
 async fn open_unbounded(shared: &Shared) -> Result<(FrameStream, FrameSink), Failure> {
     let retry = |e: &dyn fmt::Display| Failure::Retry(e.to_string());
     let max = shared.options.max_frame_bytes;
     let (mut frames, mut sink) = match &shared.endpoint {
         Endpoint::Unix(_) | Endpoint::Local(_) => local_stream(&shared.endpoint, max).await?,
         Endpoint::WebSocket(url) => {
+            // tungstenite zero-fills its whole read buffer before every read
+            // (128 KiB by default, most of a replica's CPU when frames are
+            // small); a larger frame is read in several turns.
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(WEBSOCKET_READ_BUFFER)
+                .write_buffer_size(WEBSOCKET_WRITE_BUFFER)
                 .max_message_size(Some(max))
                 .max_frame_size(Some(max));
             let (socket, _) =

@@ -41,6 +41,10 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Bytes a local socket's reader starts with; a larger frame reserves room
+/// for itself.
+const LOCAL_READ_BUFFER: usize = 1024;
+
 /// Length-delimited frames over a byte stream (Unix socket, named local socket).
 pub(crate) fn length_delimited<R, W>(
     read: R,
@@ -51,21 +55,23 @@ where
     R: AsyncRead + Send + 'static,
     W: AsyncWrite + Send + 'static,
 {
-    let frames = FramedRead::new(read, codec(max_frame)).map(|frame| {
-        frame.map(BytesMut::freeze).map_err(|e| {
-            if e.get_ref()
-                .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
-            {
-                FrameError::TooLarge
-            } else {
-                FrameError::Io(e)
-            }
-        })
-    });
-    (
-        Box::pin(frames),
-        Box::pin(FramedWrite::new(write, codec(max_frame))),
-    )
+    // tokio-util starts both buffers at 8 KiB, most of an idle
+    // connection's memory; they grow to the frames actually sent.
+    let frames =
+        FramedRead::with_capacity(read, codec(max_frame), LOCAL_READ_BUFFER).map(|frame| {
+            frame.map(BytesMut::freeze).map_err(|e| {
+                if e.get_ref()
+                    .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+                {
+                    FrameError::TooLarge
+                } else {
+                    FrameError::Io(e)
+                }
+            })
+        });
+    let mut sink = FramedWrite::new(write, codec(max_frame));
+    *sink.write_buffer_mut() = BytesMut::new();
+    (Box::pin(frames), Box::pin(sink))
 }
 
 /// Text messages over a WebSocket. A frame the peer got wrong closes the

@@ -136,7 +136,10 @@ impl FromStr for Revision {
             if digit > 9 {
                 return Err(ParseRevisionError::InvalidDigit(shown(s)));
             }
-            match value.checked_mul(10).and_then(|v| v.checked_add(u64::from(digit))) {
+            match value
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u64::from(digit)))
+            {
                 Some(v) => value = v,
                 None => overflow = true,
             }

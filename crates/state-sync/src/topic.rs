@@ -1,11 +1,11 @@
 //! [`Topic`]: the name of one logical piece of state.
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smol_str::SmolStr;
 use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
 use std::str::FromStr;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use smol_str::SmolStr;
 
 /// The name of one logical piece of state (`"settings"`, `"cart:user:42"`).
 ///

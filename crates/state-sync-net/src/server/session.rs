@@ -221,7 +221,7 @@ pub(super) struct Session {
     /// The metrics label of the connection's transport.
     pub(super) transport: &'static str,
     pub(super) subscriptions: HashSet<Topic>,
-    pub(super) answers: mpsc::Sender<Queued>,
+    pub(super) answers: mpsc::Sender<Box<Queued>>,
     /// Room for this connection's queued answers, in bytes.
     pub(super) budget: Arc<Semaphore>,
     pub(super) unwritable: CancellationToken,
@@ -269,7 +269,7 @@ impl Session {
         };
         let Some(room) = room else { return false };
         self.answers
-            .send(Queued { frame, _room: room })
+            .send(Box::new(Queued { frame, _room: room }))
             .await
             .is_ok()
     }
@@ -378,7 +378,11 @@ impl Session {
                 topic = message_topic(&message),
             );
             let started = Instant::now();
-            let handled = self.handle(message).instrument(span.clone()).await;
+            // Boxed: the largest future of the loop, which would otherwise
+            // be part of every idle connection's task.
+            let handled = Box::pin(self.handle(message))
+                .instrument(span.clone())
+                .await;
             if let Some(topic) = &handled.topic {
                 *busy.entry(topic.clone()).or_default() += 1;
             }

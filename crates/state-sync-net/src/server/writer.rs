@@ -26,6 +26,8 @@ pub(super) async fn send_and_close(sink: &mut FrameSink, frame: Bytes, limit: Du
 }
 
 /// An answer waiting to be written, holding its room in the queue budgets.
+/// Queued boxed: the channel allocates its slots in blocks of 32 up front,
+/// and a pointer per slot keeps that block small on every idle connection.
 pub(super) struct Queued {
     pub(super) frame: Bytes,
     pub(super) _room: (OwnedSemaphorePermit, OwnedSemaphorePermit),
@@ -38,7 +40,7 @@ pub(super) async fn write_loop(
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     mut sink: FrameSink,
-    mut answers: mpsc::Receiver<Queued>,
+    mut answers: mpsc::Receiver<Box<Queued>>,
     unwritable: CancellationToken,
     peer: Peer,
 ) {
