@@ -98,6 +98,17 @@ pub(crate) struct Shared {
     /// Counts connections, so a subscription made on an old one is not
     /// mistaken for one on the current connection.
     connection: AtomicU64,
+    /// Counts connections ended, changed under the topics' lock: a fetched
+    /// snapshot is kept as a delta base only if no connection ended or
+    /// began during its fetch.
+    ended: AtomicU64,
+}
+
+/// What an invalidation carried of its snapshot.
+pub(crate) enum Carried {
+    Nothing,
+    Snapshot(Revision, Bytes),
+    Delta(crate::protocol::SnapshotDelta),
 }
 
 /// The handles of one topic and its subscription on the hub.
@@ -190,6 +201,7 @@ impl Client {
             topics: Mutex::new(HashMap::new()),
             next_sink: AtomicU64::new(1),
             connection: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
         });
         let closed = CancellationToken::new();
         tokio::spawn(crate::connection::run(shared.clone(), closed.clone()));
@@ -473,6 +485,36 @@ impl Shared {
         })
     }
 
+    /// Connections begun and ended: equal before and after a request when
+    /// one connection carried it throughout.
+    fn epoch(&self) -> (u64, u64) {
+        (
+            self.connection.load(Ordering::Acquire),
+            self.ended.load(Ordering::Acquire),
+        )
+    }
+
+    /// Keeps a fetched snapshot as the base of the next delta, if the
+    /// connection that answered (`epoch` from before the request) is still
+    /// the current one: the hub's revisions and its record of what this
+    /// client holds are both per connection.
+    fn keep_fetched(&self, topic: &Topic, epoch: (u64, u64), snapshot: &SnapshotEnvelope<Bytes>) {
+        if !self.options.delta_snapshots {
+            return;
+        }
+        let mut topics = lock(&self.topics);
+        if self.epoch() != epoch {
+            return;
+        }
+        if let Some(t) = topics.get_mut(topic)
+            && t.inlined
+                .as_ref()
+                .is_none_or(|(at, _)| snapshot.revision > *at)
+        {
+            t.inlined = Some((snapshot.revision, snapshot.data.clone()));
+        }
+    }
+
     pub(crate) fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
         lock(&self.topics)
             .get(topic)
@@ -489,11 +531,26 @@ impl Shared {
 
     /// Hands an invalidation to the topic's sinks, outside every lock,
     /// after keeping the snapshot it carried for their fetches.
-    pub(crate) fn deliver(&self, event: &InvalidationEvent, snapshot: Option<(Revision, Bytes)>) {
+    pub(crate) fn deliver(&self, event: &InvalidationEvent, carried: Carried) {
         {
             let mut topics = lock(&self.topics);
             if let Some(t) = topics.get_mut(&event.topic) {
                 t.seen = t.seen.max(Some(event.revision));
+                let snapshot = match carried {
+                    Carried::Nothing => None,
+                    Carried::Snapshot(revision, data) => Some((revision, data)),
+                    Carried::Delta(delta) => {
+                        let applied = t
+                            .inlined
+                            .as_ref()
+                            .filter(|(at, _)| *at == delta.base)
+                            .and_then(|(_, base)| delta.apply(base));
+                        if applied.is_none() {
+                            tracing::debug!(topic = %event.topic, base = %delta.base, "delta without its base; fetching");
+                        }
+                        applied.map(|data| (delta.revision, Bytes::from(data)))
+                    }
+                };
                 if let Some(snapshot) = snapshot
                     && t.inlined.as_ref().is_none_or(|(at, _)| snapshot.0 > *at)
                 {
@@ -565,10 +622,14 @@ impl Shared {
     /// Forgets what the connection that just ended carried.
     pub(crate) fn connection_ended(&self) {
         *lock(&self.outgoing) = None;
-        for topic in lock(&self.topics).values_mut() {
-            // What this connection carried may be stale on the next one.
-            topic.inlined = None;
-            topic.remote.send_replace(Remote::Unsubscribed);
+        {
+            let mut topics = lock(&self.topics);
+            self.ended.fetch_add(1, Ordering::AcqRel);
+            for topic in topics.values_mut() {
+                // What this connection carried may be stale on the next one.
+                topic.inlined = None;
+                topic.remote.send_replace(Remote::Unsubscribed);
+            }
         }
         // Fail every request still waiting.
         lock(&self.waiting).clear();
@@ -581,6 +642,7 @@ impl Shared {
             id,
             topic: topic.as_str().to_owned(),
             inline: self.options.inline_snapshots,
+            delta: self.options.inline_snapshots && self.options.delta_snapshots,
         };
         match self.request(id, &message).await? {
             ServerMessage::Subscribed { revision, .. } => {
@@ -594,7 +656,10 @@ impl Shared {
                 if newer {
                     // The probe found a revision no invalidation announced.
                     tracing::warn!(%topic, %revision, "missed an invalidation; refreshing");
-                    self.deliver(&InvalidationEvent::new(topic.clone(), revision), None);
+                    self.deliver(
+                        &InvalidationEvent::new(topic.clone(), revision),
+                        Carried::Nothing,
+                    );
                 }
                 Ok(())
             }
@@ -703,16 +768,19 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
         let client = self.client.clone();
         let request = request.clone();
         async move {
-            let inlined = client
-                .inner
-                .shared
-                .inlined(&request.topic, request.if_newer_than);
+            let shared = &client.inner.shared;
+            let inlined = shared.inlined(&request.topic, request.if_newer_than);
             let fetched = match inlined {
                 Some(fetched) => Ok(fetched),
                 None => {
-                    client
+                    let epoch = shared.epoch();
+                    let fetched = client
                         .fetch(request.topic.as_str(), request.if_newer_than)
-                        .await
+                        .await;
+                    if let Ok(Fetched::Snapshot(snapshot)) = &fetched {
+                        shared.keep_fetched(&request.topic, epoch, snapshot);
+                    }
+                    fetched
                 }
             };
             let fetched = fetched.map_err(|e| match e {

@@ -33,6 +33,13 @@ pub struct ClientOptions {
     /// revision without a fetch round trip. Larger snapshots, and every
     /// refresh after a reconnect, are still fetched.
     pub inline_snapshots: bool,
+    /// With `inline_snapshots`: whether an invalidation may carry the new
+    /// snapshot as a change to the last one this connection was sent
+    /// (default `true`). A large document of which little changes per
+    /// write then costs the change, not the document. The revision gate is
+    /// unchanged; a delta whose base this client does not hold is a plain
+    /// invalidation, and the snapshot is fetched.
+    pub delta_snapshots: bool,
 }
 
 impl ClientOptions {
@@ -51,6 +58,7 @@ impl ClientOptions {
             probe_interval: None,
             max_frame_bytes: 1 << 20,
             inline_snapshots: true,
+            delta_snapshots: true,
         }
     }
 
@@ -97,6 +105,13 @@ impl ClientOptions {
     #[must_use]
     pub fn inline_snapshots(mut self, inline: bool) -> Self {
         self.inline_snapshots = inline;
+        self
+    }
+
+    /// Sets whether inline snapshots may come as deltas.
+    #[must_use]
+    pub fn delta_snapshots(mut self, delta: bool) -> Self {
+        self.delta_snapshots = delta;
         self
     }
 }

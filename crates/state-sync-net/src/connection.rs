@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ConnectionStatus, Endpoint, Shared, lock, raw_bytes};
+use crate::client::{Carried, ConnectionStatus, Endpoint, Shared, lock, raw_bytes};
 use crate::frames::{self, FrameError, FrameSink, FrameStream};
 use crate::protocol::{ClientMessage, ErrorCode, PROTOCOL_VERSION, ServerMessage};
 
@@ -403,11 +403,16 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
             revision,
             source_id,
             snapshot,
+            delta,
         } => {
             let mut event = InvalidationEvent::new(topic, revision);
             event.source_id = source_id;
-            let snapshot = snapshot.map(|s| (s.revision, raw_bytes(s.data)));
-            shared.deliver(&event, snapshot);
+            let carried = match (snapshot, delta) {
+                (Some(s), _) => Carried::Snapshot(s.revision, raw_bytes(s.data)),
+                (None, Some(delta)) => Carried::Delta(delta),
+                (None, None) => Carried::Nothing,
+            };
+            shared.deliver(&event, carried);
             return;
         }
         ServerMessage::Welcome { .. } => return,

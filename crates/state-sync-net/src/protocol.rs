@@ -45,6 +45,11 @@ pub enum ClientMessage {
         /// small, saving the fetch that follows (default `false`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         inline: bool,
+        /// With `inline`: whether an invalidation may carry a [`SnapshotDelta`]
+        /// from the last snapshot this connection was sent, instead of the
+        /// whole snapshot (default `false`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        delta: bool,
     },
     /// Stop receiving invalidations for `topic`.
     Unsubscribe {
@@ -150,6 +155,10 @@ pub enum ServerMessage {
         /// made with `inline` when it is small enough.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         snapshot: Option<InlineSnapshot>,
+        /// The snapshot as a change to the last one this connection was
+        /// sent, on subscriptions made with `delta`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<SnapshotDelta>,
     },
     /// The answer to `subscribe`: subscribed, and the current revision.
     Subscribed {
@@ -268,6 +277,80 @@ pub struct InlineSnapshot {
     pub data: Box<RawValue>,
 }
 
+/// A snapshot sent as a change to an earlier one: the JSON text of the
+/// snapshot at `revision` is the first `prefix` bytes of the text at
+/// `base`, then `insert`, then the last `suffix` bytes of the text at
+/// `base`; it is `len` bytes long, the base text `base_len`. Cuts fall on
+/// UTF-8 character boundaries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotDelta {
+    /// The revision whose text this changes.
+    pub base: Revision,
+    /// The snapshot's revision, at least the invalidation's.
+    pub revision: Revision,
+    /// Bytes kept from the start of the base text.
+    pub prefix: usize,
+    /// Bytes kept from the end of the base text.
+    pub suffix: usize,
+    /// What goes between them.
+    pub insert: String,
+    /// The new text's length in bytes.
+    pub len: usize,
+    /// The base text's length in bytes.
+    pub base_len: usize,
+}
+
+impl SnapshotDelta {
+    /// The smallest single change that turns `old` into `new`: their
+    /// common start and end are kept, the middle of `new` inserted.
+    pub fn between(base: Revision, old: &str, revision: Revision, new: &str) -> SnapshotDelta {
+        let (old_b, new_b) = (old.as_bytes(), new.as_bytes());
+        let mut prefix = old_b.iter().zip(new_b).take_while(|(a, b)| a == b).count();
+        while !new.is_char_boundary(prefix) {
+            prefix -= 1;
+        }
+        let room = old_b.len().min(new_b.len()) - prefix;
+        let mut suffix = old_b
+            .iter()
+            .rev()
+            .zip(new_b.iter().rev())
+            .take(room)
+            .take_while(|(a, b)| a == b)
+            .count();
+        while !new.is_char_boundary(new.len() - suffix) {
+            suffix -= 1;
+        }
+        SnapshotDelta {
+            base,
+            revision,
+            prefix,
+            suffix,
+            insert: new[prefix..new.len() - suffix].to_owned(),
+            len: new.len(),
+            base_len: old.len(),
+        }
+    }
+
+    /// The new text from the base text, or `None` when `old` cannot be the
+    /// base this delta was made from.
+    #[must_use]
+    pub fn apply(&self, old: &[u8]) -> Option<Vec<u8>> {
+        let kept = self.prefix.checked_add(self.suffix)?;
+        if old.len() != self.base_len
+            || kept > old.len()
+            || kept.checked_add(self.insert.len())? != self.len
+        {
+            return None;
+        }
+        let mut new = Vec::with_capacity(self.len);
+        new.extend_from_slice(&old[..self.prefix]);
+        new.extend_from_slice(self.insert.as_bytes());
+        new.extend_from_slice(&old[old.len() - self.suffix..]);
+        Some(new)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SetFields {
@@ -311,6 +394,8 @@ struct InvalidationFields {
     source_id: Option<String>,
     #[serde(default)]
     snapshot: Option<InlineSnapshot>,
+    #[serde(default)]
+    delta: Option<SnapshotDelta>,
 }
 
 /// Whether `frame`'s `type` is `kind`. Frames written with `type` first (as
@@ -371,6 +456,7 @@ impl TryFrom<InvalidationFields> for ServerMessage {
             revision: f.revision,
             source_id: f.source_id,
             snapshot: f.snapshot,
+            delta: f.delta,
         })
     }
 }
@@ -585,6 +671,24 @@ pub(crate) fn encode_invalidation(
     out.freeze()
 }
 
+/// An invalidation carrying its snapshot as a delta.
+pub(crate) fn encode_delta_invalidation(
+    topic: &Topic,
+    revision: Revision,
+    source_id: Option<&str>,
+    delta: &SnapshotDelta,
+) -> Bytes {
+    let plain = encode_invalidation(topic, revision, source_id, None);
+    let delta = serde_json::to_vec(delta).unwrap_or_default();
+    let mut out = BytesMut::with_capacity(plain.len() + delta.len() + 10);
+    // `plain` ends with its closing brace.
+    out.put_slice(&plain[..plain.len() - 1]);
+    out.put_slice(br#","delta":"#);
+    out.put_slice(&delta);
+    out.put_u8(b'}');
+    out.freeze()
+}
+
 /// The longest error message sent: an error never echoes a large input.
 pub(crate) const MAX_ERROR_MESSAGE: usize = 512;
 
@@ -642,6 +746,7 @@ mod tests {
             revision,
             source_id,
             snapshot: Some(snapshot),
+            ..
         } = ServerMessage::decode(&inline).unwrap()
         else {
             panic!("not an invalidation with a snapshot");
@@ -659,6 +764,62 @@ mod tests {
         // A non-canonical revision is rejected, inline or not.
         let bad = br#"{"type":"invalidation","topic":"t","revision":"7","snapshot":{"revision":"07","data":1}}"#;
         assert!(ServerMessage::decode(bad).is_err());
+    }
+
+    #[test]
+    fn a_delta_rebuilds_the_new_text_from_its_base_only() {
+        let cases = [
+            (r#"{"seq":1,"p":"xxxx"}"#, r#"{"seq":2,"p":"xxxx"}"#),
+            (r#"{"a":"é"}"#, r#"{"a":"è"}"#),
+            ("abcabc", "abc"),
+            ("abc", "abcabc"),
+            ("", "{}"),
+            ("same", "same"),
+            (r#"["ü","ü"]"#, r#"["ü","ü","ü"]"#),
+        ];
+        for (old, new) in cases {
+            let delta = SnapshotDelta::between(Revision::new(1), old, Revision::new(2), new);
+            assert_eq!(
+                delta.apply(old.as_bytes()).as_deref(),
+                Some(new.as_bytes()),
+                "{old} -> {new}"
+            );
+            assert!(delta.prefix + delta.suffix <= old.len().min(new.len()));
+            // Over the wire and back, it is the same delta.
+            let wire: SnapshotDelta =
+                serde_json::from_str(&serde_json::to_string(&delta).unwrap()).unwrap();
+            assert_eq!(wire, delta);
+        }
+        let delta = SnapshotDelta::between(
+            Revision::new(1),
+            r#"{"seq":1}"#,
+            Revision::new(2),
+            r#"{"seq":2}"#,
+        );
+        assert_eq!(delta.insert, "2");
+        // A base of another length is refused, not patched into garbage.
+        assert_eq!(delta.apply(b"{\"seq\":10}"), None);
+        assert_eq!(delta.apply(b""), None);
+        let frame = encode_delta_invalidation(
+            &Topic::new("t").unwrap(),
+            Revision::new(2),
+            Some("w"),
+            &delta,
+        );
+        let ServerMessage::Invalidation {
+            revision,
+            snapshot: None,
+            delta: Some(wire),
+            source_id,
+            ..
+        } = ServerMessage::decode(&frame).unwrap()
+        else {
+            panic!("not an invalidation with a delta");
+        };
+        assert_eq!(
+            (revision, source_id.as_deref(), wire),
+            (Revision::new(2), Some("w"), delta)
+        );
     }
 
     #[test]

@@ -603,13 +603,11 @@ async fn each_revision_is_encoded_once_for_every_connection() {
         assert_eq!(recorder.last_data(), Some(50));
     }
     let after = server.stats();
-    // One frame with the snapshot and one without, per revision, for the
-    // four connections of each kind.
-    assert_eq!(
-        after.invalidation_frames_encoded - before.invalidation_frames_encoded,
-        100,
-        "{after:?}"
-    );
+    // Per revision, one frame without the snapshot for the four plain
+    // connections, one with it and at most one with a delta for the four
+    // inline ones: never one per connection.
+    let encoded = after.invalidation_frames_encoded - before.invalidation_frames_encoded;
+    assert!((100..=150).contains(&encoded), "{encoded}: {after:?}");
     assert!(
         after.invalidations_sent - before.invalidations_sent >= 8,
         "{after:?}"

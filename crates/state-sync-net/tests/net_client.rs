@@ -329,3 +329,65 @@ async fn start_within_waits_for_a_hub_and_a_topic_that_come_later() {
     assert_eq!(error.phase(), state_sync::Phase::Subscribe, "{error}");
     server.shutdown().await;
 }
+
+/// A document over the inline limit: while one field changes per write,
+/// replicas that ask for deltas get the change and the others whole
+/// snapshots or fetches; a change spread over the document goes whole.
+/// All hold the same data throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_documents_travel_as_deltas_and_every_replica_converges_on_the_same_data() {
+    let hub = Hub::in_memory();
+    let payload = "x".repeat(40_000);
+    let document = |seq: usize, spread: bool| {
+        let mut payload = payload.clone();
+        if spread {
+            // Alternately near the start and near the end.
+            let at = 100 + (seq % 2) * 39_000;
+            payload.replace_range(at..=at, "y");
+        }
+        json!({"payload": payload, "seq": seq, "tail": "é"})
+    };
+    let doc = hub.topic("big", || document(0, false)).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let endpoint = Endpoint::Unix(path);
+    let with_deltas = Client::connect(endpoint.clone(), options("deltas"));
+    let whole = Client::connect(endpoint.clone(), options("whole").delta_snapshots(false));
+    let pulling = Client::connect(endpoint, options("pull").inline_snapshots(false));
+    let mut replicas = Vec::new();
+    for client in [&with_deltas, &whole, &pulling] {
+        client.wait_connected().within_limit().await;
+        replicas.push(replica::<Value>(client, "big").await);
+    }
+
+    let mut seq = 0;
+    let mut write = async |spread: bool| {
+        let before = server.stats();
+        let mut last = state_sync::Revision::ZERO;
+        for _ in 0..30 {
+            seq += 1;
+            last = doc.replace(document(seq, spread)).await.unwrap();
+            // Paced, so each revision is announced on its own.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for (handle, recorder) in &replicas {
+            handle.wait_for_revision(last).within_limit().await.unwrap();
+            assert_eq!(recorder.last_data(), Some(document(seq, spread)));
+            assert!(recorder.is_strictly_increasing());
+        }
+        let after = server.stats();
+        (
+            after.snapshots_as_deltas - before.snapshots_as_deltas,
+            (after.bytes_sent - before.bytes_sent) / 30,
+        )
+    };
+    let (deltas, per_write) = write(false).await;
+    // The first push after subscribing starts from what the replica
+    // fetched; then each write is one delta, to the one replica that asked.
+    assert!((25..=30).contains(&deltas), "{deltas} deltas");
+    // The pulling replica fetches 40 KB per write; the delta costs ~200 B.
+    assert!(per_write < 2 * 41_000, "{per_write} bytes per write");
+    // Two changed places far apart: no delta pays, and nothing is lost.
+    let (deltas, _) = write(true).await;
+    assert!(deltas <= 1, "{deltas} deltas");
+    server.shutdown().await;
+}

@@ -49,6 +49,10 @@ pub(crate) struct BenchArgs {
     /// definition. Prints both, and the hub's figures as ratios to Redis's.
     #[arg(long, value_parser = ["redis"])]
     baseline: Option<String>,
+    /// Replicas ask for whole snapshots, never deltas (to measure what
+    /// deltas save).
+    #[arg(long)]
+    no_deltas: bool,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -157,7 +161,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     } else {
         (None, hub_endpoint(&args.hub))
     };
-    let options = |name: &str| options(&args.hub, name);
+    let options = |name: &str| options(&args.hub, name).map(|o| o.delta_snapshots(!args.no_deltas));
     let writer = Client::connect(endpoint.clone(), options("statesync-bench-writer")?);
     if tokio::time::timeout(Duration::from_secs(10), writer.wait_connected())
         .await
@@ -247,12 +251,17 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     let logs: Vec<Applied> = replicas.iter().map(|(_, _, log)| log.clone()).collect();
     let latency = Convergence::of(&writes, &logs);
     let per_write = |v: f64| (v / f64::from(args.writes) * 100.0).round() / 100.0;
-    let bytes_out = stats_before.zip(stats_after).map(|(before, after)| {
-        let sent = |s: &state_sync_net::HubStatus| {
-            s.stats.snapshot_bytes_sent + s.stats.snapshot_bytes_inlined
-        };
-        per_write((sent(&after) - sent(&before)) as f64)
-    });
+    let per_write_of = |counter: fn(&state_sync_net::ServerStats) -> u64| {
+        stats_before
+            .as_ref()
+            .zip(stats_after.as_ref())
+            .map(|(before, after)| {
+                per_write((counter(&after.stats) - counter(&before.stats)) as f64)
+            })
+    };
+    let snapshot_bytes = per_write_of(|s| s.snapshot_bytes_sent + s.snapshot_bytes_inlined);
+    let bytes_out = per_write_of(|s| s.bytes_sent);
+    let deltas = per_write_of(|s| s.snapshots_as_deltas);
     for (_, handle, _) in replicas {
         handle.stop().await;
     }
@@ -269,7 +278,10 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "p99_ms": latency.p99_ms,
         "max_ms": latency.max_ms,
         "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
-        "hub_snapshot_bytes_per_write": bytes_out,
+        "deltas": !args.no_deltas,
+        "hub_snapshot_bytes_per_write": snapshot_bytes,
+        "hub_bytes_out_per_write": bytes_out,
+        "deltas_per_write": deltas,
     }))
 }
 
@@ -284,7 +296,7 @@ fn with_baseline(hub: Value, redis: Value) -> Value {
     let p50 = ratio(&hub["p50_ms"], &redis["p50_ms"]);
     let p99 = ratio(&hub["p99_ms"], &redis["p99_ms"]);
     let bytes = ratio(
-        &hub["hub_snapshot_bytes_per_write"],
+        &hub["hub_bytes_out_per_write"],
         &redis["redis_bytes_out_per_write"],
     );
     json!({
@@ -319,7 +331,7 @@ fn table(result: &Value) -> String {
     format!(
         "statesync bench: {} replicas on {}, {} writes of {} B at {}/s\n\
          convergence (write sent → every replica applied): p50 {} ms, p99 {} ms, max {} ms\n\
-         client CPU per write: {} ms; hub snapshot bytes out per write: {}",
+         client CPU per write: {} ms; hub bytes out per write: {} (snapshots: {}; deltas: {})",
         show("clients"),
         result["hub"].as_str().unwrap_or("?"),
         show("writes"),
@@ -329,7 +341,9 @@ fn table(result: &Value) -> String {
         show("p99_ms"),
         show("max_ms"),
         show("client_cpu_ms_per_write"),
+        show("hub_bytes_out_per_write"),
         show("hub_snapshot_bytes_per_write"),
+        show("deltas_per_write"),
     )
 }
 

@@ -6,8 +6,18 @@ use super::*;
 
 /// One connection's outgoing invalidation frames: the newest per topic.
 pub(super) struct Connection {
-    pub(super) pending: Mutex<HashMap<Topic, Pending>>,
+    pub(super) outbox: Mutex<Outbox>,
     pub(super) wake: Notify,
+}
+
+/// What waits to be written, and what was written, on one connection.
+#[derive(Default)]
+pub(super) struct Outbox {
+    pub(super) pending: HashMap<Topic, Pending>,
+    /// Per subscribed topic: the newest snapshot handed to the writer
+    /// (pushed or answered), which a delta may start from, as the client
+    /// keeps the newest it was given on this connection.
+    pub(super) delivered: HashMap<Topic, Revision>,
 }
 
 /// An invalidation frame waiting to be written, shared by every connection
@@ -17,12 +27,51 @@ pub(super) struct Pending {
     pub(super) frame: Bytes,
     /// Bytes of snapshot data the frame carries (0: none).
     pub(super) inlined: usize,
+    /// The revision whose snapshot the frame gives the client, whole or
+    /// as a delta.
+    pub(super) gives: Option<Revision>,
+    /// Whether the frame carries a delta.
+    pub(super) delta: bool,
 }
 
 impl Connection {
+    pub(super) fn new() -> Connection {
+        Connection {
+            outbox: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
     /// Called inside the hub's publish: never blocks.
     pub(super) fn push(&self, topic: &Topic, pending: Pending, counters: &Counters) {
-        let replaced = lock(&self.pending).insert(topic.clone(), pending).is_some();
+        let replaced = lock(&self.outbox)
+            .pending
+            .insert(topic.clone(), pending)
+            .is_some();
+        self.pushed(replaced, counters);
+    }
+
+    /// Like [`Connection::push`], choosing the frame by what the client
+    /// was last given: `delta` when that is its base, `full` otherwise.
+    fn push_delta(
+        &self,
+        topic: &Topic,
+        delta: Option<(Revision, &Pending)>,
+        full: impl FnOnce() -> Pending,
+        counters: &Counters,
+    ) {
+        let replaced = {
+            let mut outbox = lock(&self.outbox);
+            let pending = match delta {
+                Some((base, frame)) if outbox.delivered.get(topic) == Some(&base) => frame.clone(),
+                _ => full(),
+            };
+            outbox.pending.insert(topic.clone(), pending).is_some()
+        };
+        self.pushed(replaced, counters);
+    }
+
+    fn pushed(&self, replaced: bool, counters: &Counters) {
         if replaced {
             counters
                 .invalidations_coalesced
@@ -31,16 +80,51 @@ impl Connection {
         }
         self.wake.notify_one();
     }
+
+    /// The frames to write now, recording what they give the client.
+    pub(super) fn take_pending(&self, into: &mut Vec<Pending>) {
+        let mut outbox = lock(&self.outbox);
+        let Outbox { pending, delivered } = &mut *outbox;
+        for (topic, frame) in pending.drain() {
+            if let Some(revision) = frame.gives {
+                record(delivered, topic, revision);
+            }
+            into.push(frame);
+        }
+    }
+
+    /// Records that the client was answered `topic`'s snapshot at
+    /// `revision`, so a delta may start from it.
+    pub(super) fn answered(&self, topic: &Topic, revision: Revision) {
+        record(&mut lock(&self.outbox).delivered, topic.clone(), revision);
+    }
+
+    /// Forgets `topic`'s frames, as its subscription ends.
+    pub(super) fn forget(&self, topic: &Topic) {
+        let mut outbox = lock(&self.outbox);
+        outbox.pending.remove(topic);
+        outbox.delivered.remove(topic);
+    }
+}
+
+/// The client keeps the newest snapshot it was given: so does this record.
+fn record(delivered: &mut HashMap<Topic, Revision>, topic: Topic, revision: Revision) {
+    let at = delivered.entry(topic).or_insert(revision);
+    *at = (*at).max(revision);
 }
 
 /// A connection subscribed to a topic, and whether it asked for inline
-/// snapshots.
+/// snapshots and deltas.
 pub(super) struct Member {
     pub(super) connection: Arc<Connection>,
     pub(super) inline: bool,
+    pub(super) delta: bool,
 }
 
 pub(super) type Members = Arc<Mutex<HashMap<u64, Member>>>;
+
+/// A delta is sent only when it is at most this fraction of the snapshot.
+const DELTA_MAX_SHARE: usize = 2;
 
 /// The server's subscription to one topic: each invalidation is encoded
 /// once and its frame handed to every connection subscribed to the topic.
@@ -71,6 +155,8 @@ impl Shared {
                 .config
                 .inline_snapshot_max_bytes
                 .min(self.config.max_snapshot_bytes);
+            // The last snapshot sent inline, which deltas start from.
+            let last: Mutex<Option<(Revision, Bytes)>> = Mutex::new(None);
             InvalidationSink::from_fn(topic.clone(), move |event| {
                 let source_id = event.source_id.as_deref();
                 let plain = || Pending {
@@ -81,25 +167,87 @@ impl Shared {
                         None,
                     ),
                     inlined: 0,
+                    gives: None,
+                    delta: false,
                 };
                 // The current snapshot: at this revision or newer, as a
                 // batch of commits is announced one by one.
-                let with_snapshot = || match hub.get_json(&event.topic) {
-                    Ok(s) if s.revision >= event.revision && s.data.len() <= inline_max => {
-                        Pending {
-                            frame: protocol::encode_invalidation(
+                let current = hub
+                    .get_json(&event.topic)
+                    .ok()
+                    .filter(|s| s.revision >= event.revision);
+                let with_snapshot = || match current.as_ref().filter(|s| s.data.len() <= inline_max)
+                {
+                    Some(s) => Pending {
+                        frame: protocol::encode_invalidation(
+                            &event.topic,
+                            event.revision,
+                            source_id,
+                            Some((s.revision, &s.data)),
+                        ),
+                        inlined: s.data.len(),
+                        gives: Some(s.revision),
+                        delta: false,
+                    },
+                    None => plain(),
+                };
+                let base = current.as_ref().and_then(|s| {
+                    let mut last = lock(&last);
+                    let base = last.take().filter(|(at, _)| *at < s.revision);
+                    *last = Some((s.revision, s.data.clone()));
+                    base
+                });
+                let (mut plain_frame, mut inline_frame) = (None, None);
+                let mut delta_frame: Option<Option<(Revision, Pending)>> = None;
+                for member in lock(&members).values() {
+                    if member.inline && member.delta {
+                        let delta = delta_frame.get_or_insert_with(|| {
+                            let (s, (at, old)) = current.as_ref().zip(base.as_ref())?;
+                            let old = std::str::from_utf8(old).ok()?;
+                            let new = std::str::from_utf8(&s.data).ok()?;
+                            let delta = protocol::SnapshotDelta::between(*at, old, s.revision, new);
+                            if delta.insert.len() * DELTA_MAX_SHARE > new.len()
+                                || delta.insert.len() > inline_max
+                            {
+                                return None;
+                            }
+                            counters
+                                .invalidation_frames_encoded
+                                .fetch_add(1, Ordering::Relaxed);
+                            let frame = protocol::encode_delta_invalidation(
                                 &event.topic,
                                 event.revision,
                                 source_id,
-                                Some((s.revision, &s.data)),
-                            ),
-                            inlined: s.data.len(),
-                        }
+                                &delta,
+                            );
+                            Some((
+                                *at,
+                                Pending {
+                                    inlined: frame.len(),
+                                    frame,
+                                    gives: Some(s.revision),
+                                    delta: true,
+                                },
+                            ))
+                        });
+                        let full = || {
+                            inline_frame
+                                .get_or_insert_with(|| {
+                                    counters
+                                        .invalidation_frames_encoded
+                                        .fetch_add(1, Ordering::Relaxed);
+                                    with_snapshot()
+                                })
+                                .clone()
+                        };
+                        member.connection.push_delta(
+                            &event.topic,
+                            delta.as_ref().map(|(at, p)| (*at, p)),
+                            full,
+                            &counters,
+                        );
+                        continue;
                     }
-                    _ => plain(),
-                };
-                let (mut plain_frame, mut inline_frame) = (None, None);
-                for member in lock(&members).values() {
                     let frame = if member.inline {
                         &mut inline_frame
                     } else {

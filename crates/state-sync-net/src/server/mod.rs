@@ -170,8 +170,15 @@ pub struct ServerStats {
     /// Snapshots written inside invalidations (see
     /// [`ServerConfig::inline_snapshot_max_bytes`]).
     pub snapshots_inlined: u64,
-    /// Bytes of snapshot data written inside invalidations.
+    /// Bytes of snapshot data written inside invalidations; a snapshot
+    /// sent as a delta counts the delta frame's bytes.
     pub snapshot_bytes_inlined: u64,
+    /// Snapshots written inside invalidations as deltas (included in
+    /// `snapshots_inlined`).
+    pub snapshots_as_deltas: u64,
+    /// Bytes of every frame written to clients (answers, invalidations,
+    /// errors), before transport framing.
+    pub bytes_sent: u64,
     /// Writes committed.
     pub writes: u64,
     /// Bytes of answers queued, over all connections.
@@ -252,6 +259,8 @@ struct Counters {
     snapshot_bytes_sent: AtomicU64,
     snapshots_inlined: AtomicU64,
     snapshot_bytes_inlined: AtomicU64,
+    snapshots_as_deltas: AtomicU64,
+    bytes_sent: AtomicU64,
     writes: AtomicU64,
     connections_refused: AtomicU64,
     connections_closed_unwritable: AtomicU64,
@@ -358,7 +367,7 @@ impl Shared {
             let connections = lock(&self.connections);
             let pending: Vec<usize> = connections
                 .values()
-                .map(|c| lock(&c.pending).len())
+                .map(|c| lock(&c.outbox).pending.len())
                 .collect();
             (connections.len(), pending)
         };
@@ -378,6 +387,8 @@ impl Shared {
             snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
             snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
             snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
+            snapshots_as_deltas: c.snapshots_as_deltas.load(Ordering::Relaxed),
+            bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
             queued_bytes: self
                 .config

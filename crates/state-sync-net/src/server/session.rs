@@ -70,10 +70,7 @@ pub(super) async fn serve(
         return;
     }
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    let connection = Arc::new(Connection {
-        pending: Mutex::new(HashMap::new()),
-        wake: Notify::new(),
-    });
+    let connection = Arc::new(Connection::new());
     lock(&shared.connections).insert(id, connection.clone());
     crate::metrics::connection_opened(peer.transport);
     tracing::debug!(connection = id, %peer, %client_id, "client connected");
@@ -422,9 +419,12 @@ impl Session {
                 id,
                 status: self.shared.status(&self.grant),
             }))),
-            ClientMessage::Subscribe { id, topic, inline } => {
-                now(self.subscribe(id, &topic, inline).await)
-            }
+            ClientMessage::Subscribe {
+                id,
+                topic,
+                inline,
+                delta,
+            } => now(self.subscribe(id, &topic, inline, delta).await),
             ClientMessage::Unsubscribe { id, topic } => now(self.unsubscribe(id, &topic)),
             ClientMessage::Get {
                 id,
@@ -462,7 +462,13 @@ impl Session {
         Ok(topic)
     }
 
-    pub(super) async fn subscribe(&mut self, id: u64, topic: &str, inline: bool) -> Answer {
+    pub(super) async fn subscribe(
+        &mut self,
+        id: u64,
+        topic: &str,
+        inline: bool,
+        delta: bool,
+    ) -> Answer {
         let topic = self.readable(id, topic)?;
         let current = self
             .shared
@@ -473,6 +479,7 @@ impl Session {
         let member = Member {
             connection: self.connection.clone(),
             inline,
+            delta,
         };
         self.shared
             .join(&topic, self.id, member)
@@ -494,7 +501,7 @@ impl Session {
             self.shared.leave(&topic, self.id);
             crate::metrics::subscriptions_changed(self.transport, -1.0);
         }
-        lock(&self.connection.pending).remove(&topic);
+        self.connection.forget(&topic);
         Ok(protocol::encode(&ServerMessage::Ok { id, revision: None }))
     }
 
@@ -530,6 +537,9 @@ impl Session {
         counters
             .snapshot_bytes_sent
             .fetch_add(snapshot.data.len() as u64, Ordering::Relaxed);
+        if self.subscriptions.contains(&topic) {
+            self.connection.answered(&topic, snapshot.revision);
+        }
         Ok(protocol::encode_snapshot(
             id,
             &topic,

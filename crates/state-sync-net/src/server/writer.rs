@@ -53,17 +53,24 @@ pub(super) async fn write_loop(
             answer = answers.recv() => match answer {
                 Some(queued) => {
                     crate::metrics::bytes_out(peer.transport, queued.frame.len());
+                    counters
+                        .bytes_sent
+                        .fetch_add(queued.frame.len() as u64, Ordering::Relaxed);
                     send_within(&mut sink, queued.frame, limit).await
                 }
                 None => break,
             },
             () = connection.wake.notified() => {
-                batch.extend(lock(&connection.pending).drain().map(|(_, pending)| pending));
+                connection.take_pending(&mut batch);
                 let written = async {
-                    for Pending { frame, inlined } in batch.drain(..) {
+                    for Pending { frame, inlined, delta, .. } in batch.drain(..) {
                         counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
                         crate::metrics::invalidation_sent(inlined);
                         crate::metrics::bytes_out(peer.transport, frame.len());
+                        counters.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        if delta {
+                            counters.snapshots_as_deltas.fetch_add(1, Ordering::Relaxed);
+                        }
                         if inlined > 0 {
                             counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
                             counters
