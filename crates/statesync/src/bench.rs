@@ -21,7 +21,7 @@ use crate::commands::{endpoint as hub_endpoint, fail, options};
 use crate::output::say;
 use crate::{HubArgs, exit};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
     /// Replicas, one connection each.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -53,6 +53,12 @@ pub(crate) struct BenchArgs {
     /// deltas save).
     #[arg(long)]
     no_deltas: bool,
+    /// Sweep and draw: the same load on the hub and on the Redis
+    /// baseline at 100, 300 and `--clients` replicas, then at 1 KiB,
+    /// 16 KiB and 64 KiB documents; writes `p99-vs-replicas.svg`,
+    /// `p99-vs-document-size.svg` and `sweep.json` into this directory.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     json: bool,
@@ -107,7 +113,39 @@ impl Convergence {
 }
 
 pub(crate) async fn run(args: BenchArgs) -> u8 {
-    let measured = match bench(&args).await {
+    if let Some(dir) = args.plot.clone() {
+        return match sweep(&args, &dir).await {
+            Ok(summary) => {
+                say(if args.json {
+                    summary.to_string()
+                } else {
+                    format!(
+                        "{}\nplots: {}",
+                        serde_json::to_string_pretty(&summary).unwrap_or_default(),
+                        dir.display()
+                    )
+                });
+                exit::OK
+            }
+            Err(code) => code,
+        };
+    }
+    match measure(&args).await {
+        Ok(result) => {
+            if args.json {
+                say(result);
+            } else {
+                say(table(&result));
+            }
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// The hub's run and, with `--baseline redis`, Redis's.
+async fn measure(args: &BenchArgs) -> Result<Value, u8> {
+    match bench(args).await {
         Ok(hub) if args.baseline.is_some() => {
             let load = crate::bench_redis::Load {
                 clients: args.clients,
@@ -124,18 +162,78 @@ pub(crate) async fn run(args: BenchArgs) -> u8 {
             }
         }
         other => other,
-    };
-    match measured {
-        Ok(result) => {
-            if args.json {
-                say(result);
-            } else {
-                say(table(&result));
-            }
-            exit::OK
-        }
-        Err(code) => code,
     }
+}
+
+/// `--plot`: p99 against replicas, then against document size, hub and
+/// Redis at every point.
+async fn sweep(args: &BenchArgs, dir: &std::path::Path) -> Result<Value, u8> {
+    std::fs::create_dir_all(dir).map_err(|e| fail(exit::FAILURE, e))?;
+    let base = BenchArgs {
+        baseline: Some("redis".into()),
+        json: true,
+        plot: None,
+        ..args.clone()
+    };
+    let mut replica_counts: Vec<u32> = [100, 300]
+        .into_iter()
+        .filter(|n| *n < args.clients)
+        .collect();
+    replica_counts.push(args.clients);
+    let mut by_replicas = Vec::new();
+    for clients in replica_counts {
+        let point = measure(&BenchArgs {
+            clients,
+            ..base.clone()
+        })
+        .await?;
+        by_replicas.push((f64::from(clients), point));
+    }
+    let mut by_size = Vec::new();
+    for payload_bytes in [1024, 16 * 1024, 64 * 1024] {
+        let point = measure(&BenchArgs {
+            payload_bytes,
+            ..base.clone()
+        })
+        .await?;
+        by_size.push((payload_bytes as f64, point));
+    }
+    let plots = [
+        (
+            "p99-vs-replicas.svg",
+            format!(
+                "p99 against replicas ({} B documents, {} writes/s)",
+                args.payload_bytes, args.rate
+            ),
+            "replicas",
+            &by_replicas,
+        ),
+        (
+            "p99-vs-document-size.svg",
+            format!(
+                "p99 against document size ({} replicas, {} writes/s)",
+                args.clients, args.rate
+            ),
+            "document bytes",
+            &by_size,
+        ),
+    ];
+    for (file, title, x_label, points) in plots {
+        crate::bench_plot::draw(
+            &dir.join(file),
+            &title,
+            x_label,
+            &crate::bench_plot::series_of(points),
+        )
+        .map_err(|e| fail(exit::FAILURE, format!("cannot draw {file}: {e}")))?;
+    }
+    let summary = crate::bench_plot::summary(&by_replicas, &by_size);
+    std::fs::write(
+        dir.join("sweep.json"),
+        serde_json::to_vec_pretty(&summary).unwrap_or_default(),
+    )
+    .map_err(|e| fail(exit::FAILURE, e))?;
+    Ok(summary)
 }
 
 async fn bench(args: &BenchArgs) -> Result<Value, u8> {

@@ -1,6 +1,7 @@
 //! `statesync`: run a hub, read and write its topics, watch them replicate.
 
 mod bench;
+mod bench_plot;
 mod bench_redis;
 mod commands;
 mod config;
