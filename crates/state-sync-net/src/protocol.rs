@@ -278,10 +278,10 @@ pub struct InlineSnapshot {
 }
 
 /// A snapshot sent as a change to an earlier one: the JSON text of the
-/// snapshot at `revision` is the first `prefix` bytes of the text at
-/// `base`, then `insert`, then the last `suffix` bytes of the text at
-/// `base`; it is `len` bytes long, the base text `base_len`. Cuts fall on
-/// UTF-8 character boundaries.
+/// snapshot at `revision` is the text at `base` with each of `splices`
+/// made, and is `len` bytes long; the base text is `base_len` bytes long.
+/// Offsets are in bytes of the base text and cut on UTF-8 character
+/// boundaries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotDelta {
@@ -289,65 +289,118 @@ pub struct SnapshotDelta {
     pub base: Revision,
     /// The snapshot's revision, at least the invalidation's.
     pub revision: Revision,
-    /// Bytes kept from the start of the base text.
-    pub prefix: usize,
-    /// Bytes kept from the end of the base text.
-    pub suffix: usize,
-    /// What goes between them.
-    pub insert: String,
+    /// The changes, in increasing order of offset, none overlapping.
+    pub splices: Vec<Splice>,
     /// The new text's length in bytes.
     pub len: usize,
     /// The base text's length in bytes.
     pub base_len: usize,
 }
 
+/// One change, `[at, removed, inserted]` on the wire: `removed` bytes of
+/// the base text from offset `at` are replaced with `inserted`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Splice(pub usize, pub usize, pub String);
+
+/// Changed places closer than this are sent as one splice: a splice costs
+/// more on the wire than a few unchanged bytes.
+const SPLICE_GAP: usize = 16;
+
+/// How long computing one delta may take; past it the diff is coarser (and
+/// so, usually, too big to send).
+const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_millis(2);
+
 impl SnapshotDelta {
-    /// The smallest single change that turns `old` into `new`: their
-    /// common start and end are kept, the middle of `new` inserted.
+    /// The changes that turn `old` into `new`: the common start and end
+    /// are kept, the rest diffed bytewise (Myers, bounded in time: past the
+    /// deadline the diff is coarser), and the changes grouped into splices
+    /// cut on character boundaries.
     pub fn between(base: Revision, old: &str, revision: Revision, new: &str) -> SnapshotDelta {
         let (old_b, new_b) = (old.as_bytes(), new.as_bytes());
-        let mut prefix = old_b.iter().zip(new_b).take_while(|(a, b)| a == b).count();
-        while !new.is_char_boundary(prefix) {
-            prefix -= 1;
-        }
+        let prefix = old_b.iter().zip(new_b).take_while(|(a, b)| a == b).count();
         let room = old_b.len().min(new_b.len()) - prefix;
-        let mut suffix = old_b
+        let suffix = old_b
             .iter()
             .rev()
             .zip(new_b.iter().rev())
             .take(room)
             .take_while(|(a, b)| a == b)
             .count();
-        while !new.is_char_boundary(new.len() - suffix) {
-            suffix -= 1;
+        let deadline = std::time::Instant::now() + DIFF_DEADLINE;
+        let ops = similar::capture_diff_deadline(
+            similar::Algorithm::Myers,
+            old_b,
+            prefix..old_b.len() - suffix,
+            new_b,
+            prefix..new_b.len() - suffix,
+            Some(deadline),
+        );
+        // Changed ranges (in old, in new), widened to character boundaries
+        // (the bytes around a change are equal in both), then merged.
+        let mut regions: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for op in ops {
+            let (tag, o, n) = op.as_tag_tuple();
+            if tag == similar::DiffTag::Equal {
+                continue;
+            }
+            let (mut a, mut b, mut c, mut d) = (o.start, o.end, n.start, n.end);
+            while a > 0 && c > 0 && !(old.is_char_boundary(a) && new.is_char_boundary(c)) {
+                a -= 1;
+                c -= 1;
+            }
+            while b < old.len()
+                && d < new.len()
+                && !(old.is_char_boundary(b) && new.is_char_boundary(d))
+            {
+                b += 1;
+                d += 1;
+            }
+            match regions.last_mut() {
+                Some(last) if a <= last.1 + SPLICE_GAP => {
+                    last.1 = last.1.max(b);
+                    last.3 = last.3.max(d);
+                }
+                _ => regions.push((a, b, c, d)),
+            }
         }
         SnapshotDelta {
             base,
             revision,
-            prefix,
-            suffix,
-            insert: new[prefix..new.len() - suffix].to_owned(),
+            splices: regions
+                .into_iter()
+                .map(|(a, b, c, d)| Splice(a, b - a, new[c..d].to_owned()))
+                .collect(),
             len: new.len(),
             base_len: old.len(),
         }
+    }
+
+    /// About how many bytes the delta takes on the wire.
+    #[must_use]
+    pub fn wire_len(&self) -> usize {
+        self.splices.iter().map(|s| s.2.len() + 16).sum()
     }
 
     /// The new text from the base text, or `None` when `old` cannot be the
     /// base this delta was made from.
     #[must_use]
     pub fn apply(&self, old: &[u8]) -> Option<Vec<u8>> {
-        let kept = self.prefix.checked_add(self.suffix)?;
-        if old.len() != self.base_len
-            || kept > old.len()
-            || kept.checked_add(self.insert.len())? != self.len
-        {
+        if old.len() != self.base_len {
             return None;
         }
         let mut new = Vec::with_capacity(self.len);
-        new.extend_from_slice(&old[..self.prefix]);
-        new.extend_from_slice(self.insert.as_bytes());
-        new.extend_from_slice(&old[old.len() - self.suffix..]);
-        Some(new)
+        let mut cursor = 0;
+        for Splice(at, removed, inserted) in &self.splices {
+            let end = at.checked_add(*removed)?;
+            if *at < cursor || end > old.len() {
+                return None;
+            }
+            new.extend_from_slice(&old[cursor..*at]);
+            new.extend_from_slice(inserted.as_bytes());
+            cursor = end;
+        }
+        new.extend_from_slice(&old[cursor..]);
+        (new.len() == self.len).then_some(new)
     }
 }
 
@@ -768,35 +821,46 @@ mod tests {
 
     #[test]
     fn a_delta_rebuilds_the_new_text_from_its_base_only() {
+        // Small enough to diff within the deadline in a debug build.
+        let long = "x".repeat(300);
         let cases = [
-            (r#"{"seq":1,"p":"xxxx"}"#, r#"{"seq":2,"p":"xxxx"}"#),
-            (r#"{"a":"é"}"#, r#"{"a":"è"}"#),
-            ("abcabc", "abc"),
-            ("abc", "abcabc"),
-            ("", "{}"),
-            ("same", "same"),
-            (r#"["ü","ü"]"#, r#"["ü","ü","ü"]"#),
+            (
+                r#"{"seq":1,"p":"xxxx"}"#.to_owned(),
+                r#"{"seq":2,"p":"xxxx"}"#.to_owned(),
+            ),
+            (r#"{"a":"é"}"#.to_owned(), r#"{"a":"è"}"#.to_owned()),
+            ("abcabc".to_owned(), "abc".to_owned()),
+            ("abc".to_owned(), "abcabc".to_owned()),
+            (String::new(), "{}".to_owned()),
+            ("same".to_owned(), "same".to_owned()),
+            (r#"["ü","ü"]"#.to_owned(), r#"["ü","ü","ü"]"#.to_owned()),
+            ("日本語のテキスト".to_owned(), "日本語テキスト".to_owned()),
+            (format!("a{long}b{long}c"), format!("A{long}b{long}C")),
         ];
-        for (old, new) in cases {
+        for (old, new) in &cases {
             let delta = SnapshotDelta::between(Revision::new(1), old, Revision::new(2), new);
             assert_eq!(
                 delta.apply(old.as_bytes()).as_deref(),
                 Some(new.as_bytes()),
                 "{old} -> {new}"
             );
-            assert!(delta.prefix + delta.suffix <= old.len().min(new.len()));
             // Over the wire and back, it is the same delta.
             let wire: SnapshotDelta =
                 serde_json::from_str(&serde_json::to_string(&delta).unwrap()).unwrap();
-            assert_eq!(wire, delta);
+            assert_eq!(&wire, &delta);
         }
+        // Two places far apart are two small splices, not one big one.
+        let (old, new) = &cases[8];
+        let delta = SnapshotDelta::between(Revision::new(1), old, Revision::new(2), new);
+        assert_eq!(delta.splices.len(), 2, "{delta:?}");
+        assert!(delta.wire_len() < 64);
         let delta = SnapshotDelta::between(
             Revision::new(1),
             r#"{"seq":1}"#,
             Revision::new(2),
             r#"{"seq":2}"#,
         );
-        assert_eq!(delta.insert, "2");
+        assert_eq!(delta.splices, [Splice(7, 1, "2".into())]);
         // A base of another length is refused, not patched into garbage.
         assert_eq!(delta.apply(b"{\"seq\":10}"), None);
         assert_eq!(delta.apply(b""), None);
@@ -820,6 +884,28 @@ mod tests {
             (revision, source_id.as_deref(), wire),
             (Revision::new(2), Some("w"), delta)
         );
+    }
+
+    #[test]
+    fn a_hostile_delta_is_refused_not_applied() {
+        let base = b"0123456789";
+        let delta = |splices: Vec<Splice>, len| SnapshotDelta {
+            base: Revision::new(1),
+            revision: Revision::new(2),
+            splices,
+            len,
+            base_len: base.len(),
+        };
+        // Out of bounds, overlapping, out of order, overflowing, wrong length.
+        for bad in [
+            delta(vec![Splice(9, 5, String::new())], 9),
+            delta(vec![Splice(4, 2, "a".into()), Splice(5, 1, "b".into())], 9),
+            delta(vec![Splice(6, 0, "a".into()), Splice(2, 0, "b".into())], 12),
+            delta(vec![Splice(usize::MAX, 2, String::new())], 8),
+            delta(vec![Splice(0, 1, "ab".into())], 10),
+        ] {
+            assert_eq!(bad.apply(base), None, "{bad:?}");
+        }
     }
 
     #[test]

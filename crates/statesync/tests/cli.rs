@@ -403,30 +403,41 @@ fn a_config_file_with_an_unknown_key_is_refused_naming_the_key() {
 
 #[test]
 fn bench_runs_on_a_temporary_hub_and_on_a_running_one() {
-    let out = statesync()
-        .args([
-            "bench",
-            "--clients",
-            "5",
-            "--writes",
-            "10",
-            "--rate",
-            "200",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["clients"], 5);
-    assert!(result["p99_ms"].as_f64().unwrap() >= result["p50_ms"].as_f64().unwrap());
+    let bench = |extra: &[&str]| -> Value {
+        let out = statesync()
+            .args([
+                "bench",
+                "--clients",
+                "5",
+                "--writes",
+                "10",
+                "--rate",
+                "200",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let whole = bench(&["--no-deltas"]);
+    assert_eq!(whole["clients"], 5);
+    assert!(whole["p99_ms"].as_f64().unwrap() >= whole["p50_ms"].as_f64().unwrap());
     // Five replicas, about 1 KiB each per write, inline.
-    let bytes = result["hub_snapshot_bytes_per_write"].as_f64().unwrap();
+    let bytes = whole["hub_snapshot_bytes_per_write"].as_f64().unwrap();
     assert!((5.0 * 1024.0..5.0 * 1200.0).contains(&bytes), "{bytes}");
+    assert_eq!(whole["deltas_per_write"], 0.0);
+    // With deltas (the default) the writes' one changed field travels.
+    let deltas = bench(&[]);
+    let sent = deltas["deltas_per_write"].as_f64().unwrap();
+    assert!((4.0..=5.0).contains(&sent), "{sent} deltas per write");
+    let out = deltas["hub_bytes_out_per_write"].as_f64().unwrap();
+    assert!(out < 5.0 * 1024.0 / 2.0, "{out} bytes out per write");
 
     let dir = tempfile::tempdir().unwrap();
     let hub = HubProcess::start(dir.path(), &["--ws", "127.0.0.1:0"]);

@@ -206,8 +206,8 @@ impl Shared {
                             let old = std::str::from_utf8(old).ok()?;
                             let new = std::str::from_utf8(&s.data).ok()?;
                             let delta = protocol::SnapshotDelta::between(*at, old, s.revision, new);
-                            if delta.insert.len() * DELTA_MAX_SHARE > new.len()
-                                || delta.insert.len() > inline_max
+                            if delta.wire_len() * DELTA_MAX_SHARE > new.len()
+                                || delta.wire_len() > inline_max
                             {
                                 return None;
                             }

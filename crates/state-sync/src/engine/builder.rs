@@ -149,6 +149,8 @@ where
             applied: AtomicBool::new(initial.is_some()),
             closed: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
+            wake_worker: Notify::new(),
+            engine: OnceLock::new(),
         });
         let engine = Engine {
             metrics: ReplicaMetrics::new(&gate.topic),
@@ -162,12 +164,12 @@ where
             revision_changed: Notify::new(),
             turn: tokio::sync::Mutex::new(()),
             start_turn: tokio::sync::Mutex::new(()),
-            wake_worker: Arc::new(Notify::new()),
             worker_parked: OnceLock::new(),
         };
-        SyncHandle {
-            core: Arc::new(engine),
-        }
+        let engine = Arc::new(engine);
+        let events: Weak<dyn EngineEvents> = Arc::downgrade(&engine) as Weak<_>;
+        let _ = engine.gate.engine.set(events);
+        SyncHandle { core: engine }
     }
 }
 

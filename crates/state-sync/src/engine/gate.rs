@@ -12,6 +12,10 @@ pub(super) struct Gate {
     /// `wait_for_revision` calls in progress: an apply wakes waiters only
     /// when there are some (the `Notify` takes a lock).
     pub(super) waiters: AtomicUsize,
+    /// Wakes the handle's parked worker task to drain the pending slot.
+    pub(super) wake_worker: Notify,
+    /// The engine, set once it is built.
+    pub(super) engine: OnceLock<Weak<dyn EngineEvents>>,
 }
 
 impl Gate {

@@ -127,8 +127,6 @@ struct Engine<S, P: Provider, A> {
     turn: tokio::sync::Mutex<()>,
     /// Concurrent `start` calls wait for the first one.
     start_turn: tokio::sync::Mutex<()>,
-    /// Wakes the handle's parked worker task to drain the pending slot.
-    wake_worker: Arc<Notify>,
     /// Set once the worker task is spawned (at the first `start`).
     worker_parked: OnceLock<()>,
     metrics: ReplicaMetrics,
@@ -137,7 +135,7 @@ struct Engine<S, P: Provider, A> {
 impl<S, P: Provider, A> Drop for Engine<S, P, A> {
     fn drop(&mut self) {
         // The parked worker holds only a weak reference: let it exit.
-        self.wake_worker.notify_one();
+        self.gate.wake_worker.notify_one();
     }
 }
 
@@ -226,7 +224,7 @@ where
 
     // ---- invalidations -------------------------------------------------
 
-    fn on_invalidation(self: &Arc<Self>, event: &InvalidationEvent) {
+    fn on_invalidation(&self, event: &InvalidationEvent) {
         if let Some(filter) = &self.options.should_refresh {
             match std::panic::catch_unwind(AssertUnwindSafe(|| filter(event))) {
                 Ok(true) => {}
@@ -247,7 +245,7 @@ where
     }
 
     /// Records a wanted refresh and makes sure a worker will run it.
-    fn request(self: &Arc<Self>, event: Option<InvalidationEvent>, forced: bool) {
+    fn request(&self, event: Option<InvalidationEvent>, forced: bool) {
         let spawn = {
             let mut st = self.lock();
             if st.lifecycle == Lifecycle::Stopped {
@@ -271,17 +269,14 @@ where
     /// Wakes the parked worker. One task per handle, parked between
     /// refreshes, costs less than a spawn per refresh: no allocation and
     /// no task registration on the hot path.
-    fn spawn_worker(self: &Arc<Self>) {
-        self.wake_worker.notify_one();
+    fn spawn_worker(&self) {
+        self.gate.wake_worker.notify_one();
     }
 
     /// Spawns the worker task on the current runtime, once.
     fn park_worker(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         if self.worker_parked.set(()).is_ok() {
-            runtime.spawn(parked_worker(
-                Arc::downgrade(self),
-                self.wake_worker.clone(),
-            ));
+            runtime.spawn(parked_worker(Arc::downgrade(self), self.gate.clone()));
         }
     }
 
@@ -575,10 +570,7 @@ where
         self.park_worker(&runtime);
         self.set_status(Status::Connecting);
 
-        let sink = InvalidationSink::new(Arc::new(EngineSink {
-            gate: self.gate.clone(),
-            engine: Arc::downgrade(&self),
-        }));
+        let sink = InvalidationSink::new(self.gate.clone());
         let subscription = match self.subscriber.subscribe(&self.gate.topic, sink).await {
             Ok(s) => s,
             Err(e) => {
@@ -640,7 +632,7 @@ where
         };
         self.gate.closed.store(true, Ordering::Release);
         drop(subscription);
-        self.wake_worker.notify_one();
+        self.gate.wake_worker.notify_one();
         self.progress.send_if_modified(|s| {
             let changed = *s != Status::Stopped;
             *s = Status::Stopped;

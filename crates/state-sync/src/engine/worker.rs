@@ -3,18 +3,16 @@
 
 use super::*;
 
-/// What a subscriber's [`InvalidationSink`] talks to. Holds the engine
-/// weakly so a forgotten subscription does not keep a dropped handle alive.
 /// A handle's worker: parked until woken, then drains the pending slot.
 /// Holds the engine weakly so dropping every handle still drops it.
-pub(super) async fn parked_worker<S, P, A>(engine: Weak<Engine<S, P, A>>, wake: Arc<Notify>)
+pub(super) async fn parked_worker<S, P, A>(engine: Weak<Engine<S, P, A>>, gate: Arc<Gate>)
 where
     S: Subscriber,
     P: Provider,
     A: Applier<P::Data>,
 {
     loop {
-        wake.notified().await;
+        gate.wake_worker.notified().await;
         let Some(engine) = engine.upgrade() else {
             return;
         };
@@ -27,81 +25,117 @@ where
     }
 }
 
-pub(super) struct EngineSink<S, P: Provider, A> {
-    pub(super) gate: Arc<Gate>,
-    pub(super) engine: Weak<Engine<S, P, A>>,
+/// What the gate hands a fresh event or a report to: the engine, behind
+/// a trait object so the gate (which every event touches) need not know
+/// its types.
+pub(super) trait EngineEvents: Send + Sync {
+    fn invalidated(&self, event: &InvalidationEvent);
+    fn protocol_error(&self, error: ProtocolError);
+    fn transport_error(&self, error: BoxError);
+    fn connection_lost(&self, error: BoxError);
+    fn connection_restored(&self);
 }
 
-impl<S, P: Provider, A> EngineSink<S, P, A> {
-    /// The engine, unless it is stopped or dropped.
-    pub(super) fn live_engine(&self) -> Option<Arc<Engine<S, P, A>>> {
-        if self.gate.closed.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.engine.upgrade()
-    }
-}
-
-impl<S, P, A> SinkTarget for EngineSink<S, P, A>
-where
-    S: Subscriber,
-    P: Provider,
-    A: Applier<P::Data>,
-{
+/// A subscriber's [`InvalidationSink`] is the handle's gate: a stale event
+/// is dropped there, touching nothing else; a fresh one goes to the engine,
+/// held weakly so a forgotten subscription does not keep a dropped handle
+/// alive.
+impl SinkTarget for Gate {
     fn topic(&self) -> &Topic {
-        &self.gate.topic
+        &self.topic
     }
 
     fn deliver(&self, event: &InvalidationEvent) {
-        if !event.topic.matches(&self.gate.topic)
-            || self.gate.closed.load(Ordering::Relaxed)
-            || self.gate.is_stale(event.revision)
+        if !event.topic.matches(&self.topic)
+            || self.closed.load(Ordering::Relaxed)
+            || self.is_stale(event.revision)
         {
             return;
         }
-        if let Some(engine) = self.engine.upgrade() {
-            engine.on_invalidation(event);
+        if let Some(engine) = self.live_engine() {
+            engine.invalidated(event);
         }
     }
 
     fn protocol_error(&self, error: ProtocolError) {
         if let Some(engine) = self.live_engine() {
-            let context = ErrorContext {
-                raw_event: error.raw().map(str::to_owned),
-                ..engine.context(None)
-            };
-            engine.fail(Phase::Protocol, context, error);
+            engine.protocol_error(error);
         }
     }
 
     fn transport_error(&self, error: BoxError) {
         if let Some(engine) = self.live_engine() {
-            engine.fail(Phase::Invalidation, engine.context(None), error);
+            engine.transport_error(error);
         }
     }
 
     fn connection_lost(&self, error: BoxError) {
         if let Some(engine) = self.live_engine() {
-            engine.set_status(Status::Interrupted);
-            let context = ErrorContext {
-                will_retry: true,
-                ..engine.context(None)
-            };
-            engine.fail(Phase::Subscribe, context, error);
+            engine.connection_lost(error);
         }
     }
 
     fn connection_restored(&self) {
         if let Some(engine) = self.live_engine() {
-            if engine.lock().lifecycle == Lifecycle::Started {
-                engine.set_status(Status::Live);
-            }
-            engine.request(None, true);
+            engine.connection_restored();
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.gate.closed.load(Ordering::Relaxed) || self.engine.strong_count() == 0
+        self.closed.load(Ordering::Relaxed)
+            || self
+                .engine
+                .get()
+                .is_none_or(|engine| engine.strong_count() == 0)
+    }
+}
+
+impl Gate {
+    /// The engine, unless it is stopped or dropped.
+    fn live_engine(&self) -> Option<Arc<dyn EngineEvents>> {
+        if self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.engine.get()?.upgrade()
+    }
+}
+
+impl<S, P, A> EngineEvents for Engine<S, P, A>
+where
+    S: Subscriber,
+    P: Provider,
+    A: Applier<P::Data>,
+{
+    fn invalidated(&self, event: &InvalidationEvent) {
+        self.on_invalidation(event);
+    }
+
+    fn protocol_error(&self, error: ProtocolError) {
+        let context = ErrorContext {
+            raw_event: error.raw().map(str::to_owned),
+            ..self.context(None)
+        };
+        self.fail(Phase::Protocol, context, error);
+    }
+
+    fn transport_error(&self, error: BoxError) {
+        self.fail(Phase::Invalidation, self.context(None), error);
+    }
+
+    fn connection_lost(&self, error: BoxError) {
+        self.set_status(Status::Interrupted);
+        let context = ErrorContext {
+            will_retry: true,
+            ..self.context(None)
+        };
+        self.fail(Phase::Subscribe, context, error);
+    }
+
+    fn connection_restored(&self) {
+        if self.lock().lifecycle == Lifecycle::Started {
+            self.set_status(Status::Live);
+        }
+        self.request(None, true);
     }
 }
 
