@@ -149,7 +149,7 @@ where
             applied: AtomicBool::new(initial.is_some()),
             closed: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
-            wake_worker: Notify::new(),
+            wake_worker: WorkerWake::default(),
             engine: OnceLock::new(),
         });
         let engine = Engine {
@@ -162,7 +162,7 @@ where
             state: Mutex::new(State::default()),
             progress,
             revision_changed: Notify::new(),
-            turn: tokio::sync::Mutex::new(()),
+            turn: futures::lock::Mutex::new(()),
             start_turn: tokio::sync::Mutex::new(()),
             worker_parked: OnceLock::new(),
         };

@@ -13,7 +13,7 @@ pub(super) struct Gate {
     /// when there are some (the `Notify` takes a lock).
     pub(super) waiters: AtomicUsize,
     /// Wakes the handle's parked worker task to drain the pending slot.
-    pub(super) wake_worker: Notify,
+    pub(super) wake_worker: WorkerWake,
     /// The engine, set once it is built.
     pub(super) engine: OnceLock<Weak<dyn EngineEvents>>,
 }
@@ -39,5 +39,42 @@ impl Gate {
     pub(super) fn record_applied(&self, revision: Revision) {
         self.local.store(revision.get(), Ordering::Release);
         self.applied.store(true, Ordering::Release);
+    }
+}
+
+/// Wakes one parked task, keeping the wake-up if it is not waiting yet
+/// (like `Notify::notify_one`), without a lock on either side: a flag and
+/// an `AtomicWaker`. Only the worker waits on it.
+#[derive(Default)]
+pub(super) struct WorkerWake {
+    woken: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl WorkerWake {
+    pub(super) fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves at the next wake-up, or at once for one that came before.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a wake-up is consumed only when this resolves.
+    pub(super) async fn woken(&self) {
+        std::future::poll_fn(|cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake-up between the check and the registration.
+            if self.woken.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 }

@@ -124,7 +124,7 @@ struct Engine<S, P: Provider, A> {
     revision_changed: Notify,
     /// One fetch-and-apply at a time; `stop` takes a turn to wait out a
     /// running apply.
-    turn: tokio::sync::Mutex<()>,
+    turn: futures::lock::Mutex<()>,
     /// Concurrent `start` calls wait for the first one.
     start_turn: tokio::sync::Mutex<()>,
     /// Set once the worker task is spawned (at the first `start`).
@@ -135,7 +135,7 @@ struct Engine<S, P: Provider, A> {
 impl<S, P: Provider, A> Drop for Engine<S, P, A> {
     fn drop(&mut self) {
         // The parked worker holds only a weak reference: let it exit.
-        self.gate.wake_worker.notify_one();
+        self.gate.wake_worker.wake();
     }
 }
 
@@ -270,7 +270,7 @@ where
     /// refreshes, costs less than a spawn per refresh: no allocation and
     /// no task registration on the hot path.
     fn spawn_worker(&self) {
-        self.gate.wake_worker.notify_one();
+        self.gate.wake_worker.wake();
     }
 
     /// Spawns the worker task on the current runtime, once.
@@ -290,6 +290,22 @@ where
             // out the throttle window, which would open a new window with
             // no refresh in it and delay the next invalidation's leading
             // edge. Under the lock `request` takes, so no wake-up is lost.
+            let Some(throttle) = self.options.throttle else {
+                // No throttle: take the pending refresh, or exit, under one
+                // lock.
+                let pending = {
+                    let mut st = self.lock();
+                    match st.pending.take() {
+                        Some(p) if st.lifecycle == Lifecycle::Started => p,
+                        _ => {
+                            st.worker_running = false;
+                            return;
+                        }
+                    }
+                };
+                self.refresh_pending(pending).await;
+                continue;
+            };
             {
                 let mut st = self.lock();
                 if st.pending.is_none() {
@@ -297,7 +313,7 @@ where
                     return;
                 }
             }
-            if let Some(throttle) = self.options.throttle {
+            {
                 match self.wait_for_throttle(throttle).await {
                     Throttled::FireNow => {}
                     Throttled::Cancelled => return self.worker_exit(),
@@ -333,17 +349,22 @@ where
                     }
                 }
             };
-            if !pending.forced
-                && let Some(e) = &pending.event
-                && self.gate.is_stale(e.revision)
-            {
-                continue;
-            }
-            // Errors were reported; the engine keeps running.
-            let _ = self
-                .refresh_turn(pending.event.as_ref(), pending.forced)
-                .await;
+            self.refresh_pending(pending).await;
         }
+    }
+
+    /// Runs a pending refresh, unless its event went stale meanwhile.
+    async fn refresh_pending(&self, pending: Pending) {
+        if !pending.forced
+            && let Some(e) = &pending.event
+            && self.gate.is_stale(e.revision)
+        {
+            return;
+        }
+        // Errors were reported; the engine keeps running.
+        let _ = self
+            .refresh_turn(pending.event.as_ref(), pending.forced)
+            .await;
     }
 
     fn worker_exit(&self) {
@@ -405,8 +426,8 @@ where
     async fn refresh_turn(&self, cause: Option<&InvalidationEvent>, resync: bool) -> Result<()> {
         // Uncontended almost always; skip the acquire future then.
         let _turn = match self.turn.try_lock() {
-            Ok(turn) => turn,
-            Err(_) => self.turn.lock().await,
+            Some(turn) => turn,
+            None => self.turn.lock().await,
         };
         if self.gate.closed.load(Ordering::Acquire) {
             return Ok(());
@@ -632,7 +653,7 @@ where
         };
         self.gate.closed.store(true, Ordering::Release);
         drop(subscription);
-        self.gate.wake_worker.notify_one();
+        self.gate.wake_worker.wake();
         self.progress.send_if_modified(|s| {
             let changed = *s != Status::Stopped;
             *s = Status::Stopped;

@@ -12,11 +12,12 @@ where
     A: Applier<P::Data>,
 {
     loop {
-        gate.wake_worker.notified().await;
+        gate.wake_worker.woken().await;
         let Some(engine) = engine.upgrade() else {
             return;
         };
-        if engine.lock().lifecycle == Lifecycle::Stopped {
+        // Closed only once stopped: an atomic load, not the state's lock.
+        if gate.closed.load(Ordering::Acquire) {
             engine.worker_exit();
             return;
         }
