@@ -886,6 +886,49 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any two texts: the delta between them rebuilds the second from
+        /// the first, and only from the first.
+        #[test]
+        fn deltas_rebuild_any_text(
+            old in "[a-c\u{e9}\u{65e5}\\\"]{0,200}",
+            edits in proptest::collection::vec((0usize..200, 0usize..5, "[a-d\u{e8}]{0,6}"), 0..5),
+        ) {
+            let mut new = old.clone();
+            for (at, removed, inserted) in edits {
+                let mut at = at.min(new.len());
+                while !new.is_char_boundary(at) { at -= 1; }
+                let mut end = (at + removed).min(new.len());
+                while !new.is_char_boundary(end) { end += 1; }
+                new.replace_range(at..end, &inserted);
+            }
+            let delta = SnapshotDelta::between(Revision::new(1), &old, Revision::new(2), &new);
+            proptest::prop_assert_eq!(delta.apply(old.as_bytes()), Some(new.clone().into_bytes()));
+            let wire: SnapshotDelta = serde_json::from_str(&serde_json::to_string(&delta).unwrap()).unwrap();
+            proptest::prop_assert_eq!(wire, delta);
+        }
+
+        /// Any delta at all, applied to any base: a result or `None`,
+        /// never a panic.
+        #[test]
+        fn any_delta_on_any_base_never_panics(
+            base in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            splices in proptest::collection::vec((0usize..80, 0usize..80, "[a-z]{0,4}"), 0..4),
+            len in 0usize..100,
+        ) {
+            let delta = SnapshotDelta {
+                base: Revision::new(1),
+                revision: Revision::new(2),
+                splices: splices.into_iter().map(|(a, r, i)| Splice(a, r, i)).collect(),
+                len,
+                base_len: base.len(),
+            };
+            if let Some(new) = delta.apply(&base) {
+                proptest::prop_assert_eq!(new.len(), len);
+            }
+        }
+    }
+
     #[test]
     fn a_hostile_delta_is_refused_not_applied() {
         let base = b"0123456789";

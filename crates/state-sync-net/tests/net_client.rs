@@ -390,3 +390,48 @@ async fn large_documents_travel_as_deltas_and_every_replica_converges_on_the_sam
     assert!(deltas <= 1, "{deltas} deltas");
     server.shutdown().await;
 }
+
+/// A hub restarted without its state reuses revisions for other content:
+/// a replica that took deltas from the first hub must never patch the
+/// second hub's snapshots with what the first one sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_hub_restarts_without_its_state_deltas_start_from_the_new_hub_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.sock");
+    let document = |tag: &str, seq: usize| json!({"payload": tag.repeat(20_000), "seq": seq});
+    let write = async |doc: &state_sync_hub::HubTopic<Value>, tag: &str| {
+        let mut last = state_sync::Revision::ZERO;
+        for seq in 1..=12 {
+            last = doc.replace(document(tag, seq)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        last
+    };
+
+    let first = Hub::in_memory();
+    let doc = first.topic("big", || document("a", 0)).await.unwrap();
+    let server = Server::new(first);
+    server.listen_unix(&path).await.unwrap();
+    let client = Client::connect(Endpoint::Unix(path.clone()), options("deltas"));
+    client.wait_connected().within_limit().await;
+    let (handle, recorder) = replica::<Value>(&client, "big").await;
+    let last = write(&doc, "a").await;
+    handle.wait_for_revision(last).within_limit().await.unwrap();
+    assert_eq!(recorder.last_data(), Some(document("a", 12)));
+    assert!(server.stats().snapshots_as_deltas >= 10);
+    server.shutdown().await;
+
+    // The same revisions again, with other content.
+    let second = Hub::in_memory();
+    let doc = second.topic("big", || document("b", 0)).await.unwrap();
+    let server = Server::new(second);
+    server.listen_unix(&path).await.unwrap();
+    let last = write(&doc, "b").await;
+    let converged = async {
+        while recorder.last_data() != Some(document("b", 12)) || handle.local_revision() != last {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    converged.within_limit().await;
+    server.shutdown().await;
+}

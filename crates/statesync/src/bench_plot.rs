@@ -45,6 +45,13 @@ pub(crate) fn draw(
     if x_min >= x_max {
         return Err("a sweep needs at least two points".into());
     }
+    // Labels at the measured points only: a log axis labels too much.
+    let mut key_points: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    key_points.sort_by(f64::total_cmp);
+    key_points.dedup();
     let root = SVGBackend::new(path, (760, 440)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -52,9 +59,15 @@ pub(crate) fn draw(
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d((x_min * 0.9..x_max * 1.1).log_scale(), 0.0..y_max * 1.15)?;
+        .build_cartesian_2d(
+            (x_min * 0.9..x_max * 1.1)
+                .log_scale()
+                .with_key_points(key_points),
+            0.0..y_max * 1.15,
+        )?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc(x_label)
         .y_desc("p99 convergence (ms)")
         .x_label_formatter(&|x| format!("{x:.0}"))
