@@ -293,15 +293,8 @@ where
             let Some(throttle) = self.options.throttle else {
                 // No throttle: take the pending refresh, or exit, under one
                 // lock.
-                let pending = {
-                    let mut st = self.lock();
-                    match st.pending.take() {
-                        Some(p) if st.lifecycle == Lifecycle::Started => p,
-                        _ => {
-                            st.worker_running = false;
-                            return;
-                        }
-                    }
+                let Some(pending) = self.take_pending() else {
+                    return;
                 };
                 self.refresh_pending(pending).await;
                 continue;
@@ -313,43 +306,47 @@ where
                     return;
                 }
             }
-            {
-                match self.wait_for_throttle(throttle).await {
-                    Throttled::FireNow => {}
-                    Throttled::Cancelled => return self.worker_exit(),
-                    Throttled::Drop => {
-                        // Exit under the same lock that empties the slot, so
-                        // a later invalidation starts a new worker.
-                        let dropped = {
-                            let mut st = self.lock();
-                            st.worker_running = false;
-                            st.pending.take()
-                        };
-                        // Dropping inside a window is the configured
-                        // behaviour; dropping everything is a misconfiguration.
-                        let misconfigured = !throttle.leading && !throttle.trailing;
-                        if let Some(p) = dropped.filter(|_| misconfigured) {
-                            self.fail(
-                                Phase::Throttle,
-                                self.context(p.event.as_ref()),
-                                "invalidation dropped: throttle has both edges disabled",
-                            );
-                        }
-                        return;
+            match self.wait_for_throttle(throttle).await {
+                Throttled::FireNow => {}
+                Throttled::Cancelled => return self.worker_exit(),
+                Throttled::Drop => {
+                    // Exit under the same lock that empties the slot, so
+                    // a later invalidation starts a new worker.
+                    let dropped = {
+                        let mut st = self.lock();
+                        st.worker_running = false;
+                        st.pending.take()
+                    };
+                    // Dropping inside a window is the configured
+                    // behaviour; dropping everything is a misconfiguration.
+                    let misconfigured = !throttle.leading && !throttle.trailing;
+                    if let Some(p) = dropped.filter(|_| misconfigured) {
+                        self.fail(
+                            Phase::Throttle,
+                            self.context(p.event.as_ref()),
+                            "invalidation dropped: throttle has both edges disabled",
+                        );
                     }
+                    return;
                 }
             }
-            let pending = {
-                let mut st = self.lock();
-                match st.pending.take() {
-                    Some(p) if st.lifecycle == Lifecycle::Started => p,
-                    _ => {
-                        st.worker_running = false;
-                        return;
-                    }
-                }
+            let Some(pending) = self.take_pending() else {
+                return;
             };
             self.refresh_pending(pending).await;
+        }
+    }
+
+    /// Takes the pending refresh; with none (or once stopped), marks the
+    /// worker done under the same lock, so a later request starts it again.
+    fn take_pending(&self) -> Option<Pending> {
+        let mut st = self.lock();
+        match st.pending.take() {
+            Some(p) if st.lifecycle == Lifecycle::Started => Some(p),
+            _ => {
+                st.worker_running = false;
+                None
+            }
         }
     }
 
