@@ -151,6 +151,9 @@ where
             waiters: AtomicUsize::new(0),
             wake_worker: WorkerWake::default(),
             engine: OnceLock::new(),
+            state: Mutex::new(State::default()),
+            debounce: self.options.debounce,
+            should_refresh: self.options.should_refresh.clone(),
         });
         let engine = Engine {
             metrics: ReplicaMetrics::new(&gate.topic),
@@ -159,7 +162,6 @@ where
             provider: self.provider,
             applier: self.applier,
             options: self.options,
-            state: Mutex::new(State::default()),
             progress,
             revision_changed: Notify::new(),
             turn: futures::lock::Mutex::new(()),

@@ -16,6 +16,12 @@ pub(super) struct Gate {
     pub(super) wake_worker: WorkerWake,
     /// The engine, set once it is built.
     pub(super) engine: OnceLock<Weak<dyn EngineEvents>>,
+    /// The handle's lifecycle and pending refresh: here, beside the gate,
+    /// so a fresh event is queued without reaching the engine (no
+    /// reference count taken, one cache line fewer per event).
+    pub(super) state: Mutex<State>,
+    pub(super) debounce: Option<Duration>,
+    pub(super) should_refresh: Option<ShouldRefresh>,
 }
 
 impl Gate {
@@ -39,6 +45,55 @@ impl Gate {
     pub(super) fn record_applied(&self, revision: Revision) {
         self.local.store(revision.get(), Ordering::Release);
         self.applied.store(true, Ordering::Release);
+    }
+}
+
+impl Gate {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        crate::lock(&self.state)
+    }
+
+    /// A fresh event: the filter, if any, then a wanted refresh.
+    pub(super) fn on_invalidation(&self, event: &InvalidationEvent) {
+        if let Some(filter) = &self.should_refresh {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| filter(event))) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::trace!(topic = %self.topic, revision = %event.revision, "refresh vetoed by should_refresh");
+                    return;
+                }
+                Err(_) => {
+                    if let Some(engine) = self.live_engine() {
+                        engine.should_refresh_panicked(event);
+                    }
+                }
+            }
+        }
+        self.request(Some(event.clone()), false);
+    }
+
+    /// Records a wanted refresh and wakes the worker to run it.
+    pub(super) fn request(&self, event: Option<InvalidationEvent>, forced: bool) {
+        let wake = {
+            let mut st = self.lock();
+            if st.lifecycle == Lifecycle::Stopped {
+                return;
+            }
+            st.pending
+                .get_or_insert_with(Pending::default)
+                .merge(event, forced);
+            if let Some(d) = self.debounce {
+                st.debounce_until = Some(Instant::now() + d);
+            }
+            let wake = st.lifecycle == Lifecycle::Started && !st.worker_running;
+            st.worker_running |= wake;
+            wake
+        };
+        // One task per handle, parked between refreshes, costs less than a
+        // spawn per refresh: no allocation, no task registration.
+        if wake {
+            self.wake_worker.wake();
+        }
     }
 }
 

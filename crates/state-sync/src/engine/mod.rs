@@ -118,7 +118,6 @@ struct Engine<S, P: Provider, A> {
     provider: P,
     applier: A,
     options: Options,
-    state: Mutex<State>,
     progress: watch::Sender<Status>,
     /// Wakes `wait_for_revision` callers after each apply and at stop.
     revision_changed: Notify,
@@ -134,7 +133,17 @@ struct Engine<S, P: Provider, A> {
 
 impl<S, P: Provider, A> Drop for Engine<S, P, A> {
     fn drop(&mut self) {
-        // The parked worker holds only a weak reference: let it exit.
+        // Nothing is delivered to a dropped engine; the parked worker holds
+        // only a weak reference: let it exit.
+        self.gate.closed.store(true, Ordering::Release);
+        // The state outlives the engine (the subscriber's sink holds it):
+        // end the subscription now, outside the lock.
+        let subscription = {
+            let mut st = self.gate.lock();
+            st.pending = None;
+            st.subscription.take()
+        };
+        drop(subscription);
         self.gate.wake_worker.wake();
     }
 }
@@ -158,7 +167,7 @@ where
     A: Applier<P::Data>,
 {
     fn lock(&self) -> MutexGuard<'_, State> {
-        crate::lock(&self.state)
+        self.gate.lock()
     }
 
     fn id(&self) -> usize {
@@ -224,55 +233,14 @@ where
 
     // ---- invalidations -------------------------------------------------
 
-    fn on_invalidation(&self, event: &InvalidationEvent) {
-        if let Some(filter) = &self.options.should_refresh {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| filter(event))) {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::trace!(topic = %self.gate.topic, revision = %event.revision, "refresh vetoed by should_refresh");
-                    return;
-                }
-                Err(_) => {
-                    self.fail(
-                        Phase::Invalidation,
-                        self.context(Some(event)),
-                        "should_refresh panicked; refreshing anyway",
-                    );
-                }
-            }
-        }
-        self.request(Some(event.clone()), false);
-    }
-
     /// Records a wanted refresh and makes sure a worker will run it.
     fn request(&self, event: Option<InvalidationEvent>, forced: bool) {
-        let spawn = {
-            let mut st = self.lock();
-            if st.lifecycle == Lifecycle::Stopped {
-                return;
-            }
-            st.pending
-                .get_or_insert_with(Pending::default)
-                .merge(event, forced);
-            if let Some(d) = self.options.debounce {
-                st.debounce_until = Some(Instant::now() + d);
-            }
-            let spawn = st.lifecycle == Lifecycle::Started && !st.worker_running;
-            st.worker_running |= spawn;
-            spawn
-        };
-        if spawn {
-            self.spawn_worker();
-        }
+        self.gate.request(event, forced);
     }
 
     /// Wakes the parked worker. One task per handle, parked between
     /// refreshes, costs less than a spawn per refresh: no allocation and
     /// no task registration on the hot path.
-    fn spawn_worker(&self) {
-        self.gate.wake_worker.wake();
-    }
-
     /// Spawns the worker task on the current runtime, once.
     fn park_worker(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         if self.worker_parked.set(()).is_ok() {
@@ -623,7 +591,7 @@ where
         };
         self.set_status(Status::Live);
         if spawn {
-            self.spawn_worker();
+            self.gate.wake_worker.wake();
         }
         tracing::debug!(topic = %self.gate.topic, revision = %self.gate.revision(), "started");
         Ok(())

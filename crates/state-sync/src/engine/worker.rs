@@ -30,7 +30,7 @@ where
 /// a trait object so the gate (which every event touches) need not know
 /// its types.
 pub(super) trait EngineEvents: Send + Sync {
-    fn invalidated(&self, event: &InvalidationEvent);
+    fn should_refresh_panicked(&self, event: &InvalidationEvent);
     fn protocol_error(&self, error: ProtocolError);
     fn transport_error(&self, error: BoxError);
     fn connection_lost(&self, error: BoxError);
@@ -53,9 +53,7 @@ impl SinkTarget for Gate {
         {
             return;
         }
-        if let Some(engine) = self.live_engine() {
-            engine.invalidated(event);
-        }
+        self.on_invalidation(event);
     }
 
     fn protocol_error(&self, error: ProtocolError) {
@@ -93,7 +91,7 @@ impl SinkTarget for Gate {
 
 impl Gate {
     /// The engine, unless it is stopped or dropped.
-    fn live_engine(&self) -> Option<Arc<dyn EngineEvents>> {
+    pub(super) fn live_engine(&self) -> Option<Arc<dyn EngineEvents>> {
         if self.closed.load(Ordering::Relaxed) {
             return None;
         }
@@ -107,8 +105,12 @@ where
     P: Provider,
     A: Applier<P::Data>,
 {
-    fn invalidated(&self, event: &InvalidationEvent) {
-        self.on_invalidation(event);
+    fn should_refresh_panicked(&self, event: &InvalidationEvent) {
+        self.fail(
+            Phase::Invalidation,
+            self.context(Some(event)),
+            "should_refresh panicked; refreshing anyway",
+        );
     }
 
     fn protocol_error(&self, error: ProtocolError) {
