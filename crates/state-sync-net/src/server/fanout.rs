@@ -155,7 +155,8 @@ impl Shared {
                 .config
                 .inline_snapshot_max_bytes
                 .min(self.config.max_snapshot_bytes);
-            // The last snapshot sent inline, which deltas start from.
+            // The last snapshot announced while some member asks for
+            // deltas: the next delta starts from it.
             let last: Mutex<Option<(Revision, Bytes)>> = Mutex::new(None);
             InvalidationSink::from_fn(topic.clone(), move |event| {
                 let source_id = event.source_id.as_deref();
@@ -191,45 +192,56 @@ impl Shared {
                     },
                     None => plain(),
                 };
-                let base = current.as_ref().and_then(|s| {
+                // Deltas, for the members that asked: computed once per
+                // revision, outside the members' lock (a diff takes up to
+                // `SnapshotDelta`'s deadline); the previous snapshot is kept
+                // only while someone asks.
+                let wants_delta = lock(&members).values().any(|m| m.inline && m.delta);
+                let base = {
                     let mut last = lock(&last);
-                    let base = last.take().filter(|(at, _)| *at < s.revision);
-                    *last = Some((s.revision, s.data.clone()));
-                    base
-                });
+                    let previous = last.take();
+                    match &current {
+                        Some(s) if wants_delta => {
+                            *last = Some((s.revision, s.data.clone()));
+                            previous.filter(|(at, _)| *at < s.revision)
+                        }
+                        _ => None,
+                    }
+                };
+                let delta = current
+                    .as_ref()
+                    .zip(base.as_ref())
+                    .and_then(|(s, (at, old))| {
+                        let old = std::str::from_utf8(old).ok()?;
+                        let new = std::str::from_utf8(&s.data).ok()?;
+                        let delta = protocol::SnapshotDelta::between(*at, old, s.revision, new);
+                        if delta.wire_len() * DELTA_MAX_SHARE > new.len()
+                            || delta.wire_len() > inline_max
+                        {
+                            return None;
+                        }
+                        counters
+                            .invalidation_frames_encoded
+                            .fetch_add(1, Ordering::Relaxed);
+                        let frame = protocol::encode_delta_invalidation(
+                            &event.topic,
+                            event.revision,
+                            source_id,
+                            &delta,
+                        );
+                        Some((
+                            *at,
+                            Pending {
+                                inlined: frame.len(),
+                                frame,
+                                gives: Some(s.revision),
+                                delta: true,
+                            },
+                        ))
+                    });
                 let (mut plain_frame, mut inline_frame) = (None, None);
-                let mut delta_frame: Option<Option<(Revision, Pending)>> = None;
                 for member in lock(&members).values() {
                     if member.inline && member.delta {
-                        let delta = delta_frame.get_or_insert_with(|| {
-                            let (s, (at, old)) = current.as_ref().zip(base.as_ref())?;
-                            let old = std::str::from_utf8(old).ok()?;
-                            let new = std::str::from_utf8(&s.data).ok()?;
-                            let delta = protocol::SnapshotDelta::between(*at, old, s.revision, new);
-                            if delta.wire_len() * DELTA_MAX_SHARE > new.len()
-                                || delta.wire_len() > inline_max
-                            {
-                                return None;
-                            }
-                            counters
-                                .invalidation_frames_encoded
-                                .fetch_add(1, Ordering::Relaxed);
-                            let frame = protocol::encode_delta_invalidation(
-                                &event.topic,
-                                event.revision,
-                                source_id,
-                                &delta,
-                            );
-                            Some((
-                                *at,
-                                Pending {
-                                    inlined: frame.len(),
-                                    frame,
-                                    gives: Some(s.revision),
-                                    delta: true,
-                                },
-                            ))
-                        });
                         let full = || {
                             inline_frame
                                 .get_or_insert_with(|| {
