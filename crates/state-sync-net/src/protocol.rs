@@ -388,19 +388,30 @@ impl SnapshotDelta {
         if old.len() != self.base_len {
             return None;
         }
-        let mut new = Vec::with_capacity(self.len);
+        // Check every splice and the resulting length before allocating:
+        // `len` comes from the peer.
         let mut cursor = 0;
+        let mut len = old.len();
         for Splice(at, removed, inserted) in &self.splices {
             let end = at.checked_add(*removed)?;
             if *at < cursor || end > old.len() {
                 return None;
             }
-            new.extend_from_slice(&old[cursor..*at]);
-            new.extend_from_slice(inserted.as_bytes());
+            len = (len - removed).checked_add(inserted.len())?;
             cursor = end;
         }
+        if len != self.len {
+            return None;
+        }
+        let mut new = Vec::with_capacity(len);
+        let mut cursor = 0;
+        for Splice(at, removed, inserted) in &self.splices {
+            new.extend_from_slice(&old[cursor..*at]);
+            new.extend_from_slice(inserted.as_bytes());
+            cursor = at + removed;
+        }
         new.extend_from_slice(&old[cursor..]);
-        (new.len() == self.len).then_some(new)
+        Some(new)
     }
 }
 
@@ -946,6 +957,9 @@ mod tests {
             delta(vec![Splice(6, 0, "a".into()), Splice(2, 0, "b".into())], 12),
             delta(vec![Splice(usize::MAX, 2, String::new())], 8),
             delta(vec![Splice(0, 1, "ab".into())], 10),
+            // A length no splice makes: refused before anything is allocated.
+            delta(vec![Splice(0, 1, "ab".into())], usize::MAX),
+            delta(Vec::new(), 1 << 50),
         ] {
             assert_eq!(bad.apply(base), None, "{bad:?}");
         }
