@@ -104,6 +104,22 @@ pub(crate) struct Shared {
     ended: AtomicU64,
 }
 
+/// A topic's sinks, shared with the topic's record: iterating them needs
+/// no lock.
+pub(crate) struct Sinks(Arc<Vec<(u64, InvalidationSink)>>);
+
+impl<'a> IntoIterator for &'a Sinks {
+    type Item = &'a InvalidationSink;
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (u64, InvalidationSink)>,
+        fn(&'a (u64, InvalidationSink)) -> &'a InvalidationSink,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(_, sink)| sink)
+    }
+}
+
 /// What an invalidation carried of its snapshot.
 pub(crate) enum Carried {
     Nothing,
@@ -113,7 +129,9 @@ pub(crate) enum Carried {
 
 /// The handles of one topic and its subscription on the hub.
 pub(crate) struct TopicSinks {
-    sinks: Vec<(u64, InvalidationSink)>,
+    /// Copied on write only while a delivery holds it, so a delivery takes
+    /// the list without allocating.
+    sinks: Arc<Vec<(u64, InvalidationSink)>>,
     /// The newest revision heard of, for the probe.
     seen: Option<Revision>,
     /// The newest snapshot an invalidation carried, on this connection.
@@ -125,7 +143,7 @@ pub(crate) struct TopicSinks {
 impl Default for TopicSinks {
     fn default() -> Self {
         TopicSinks {
-            sinks: Vec::new(),
+            sinks: Arc::default(),
             seen: None,
             inlined: None,
             remote: watch::channel(Remote::Unsubscribed).0,
@@ -515,11 +533,13 @@ impl Shared {
         }
     }
 
-    pub(crate) fn sinks_of(&self, topic: &Topic) -> Vec<InvalidationSink> {
-        lock(&self.topics)
-            .get(topic)
-            .map(|t| t.sinks.iter().map(|(_, s)| s.clone()).collect())
-            .unwrap_or_default()
+    pub(crate) fn sinks_of(&self, topic: &Topic) -> Sinks {
+        Sinks(
+            lock(&self.topics)
+                .get(topic)
+                .map(|t| t.sinks.clone())
+                .unwrap_or_default(),
+        )
     }
 
     pub(crate) fn all_sinks(&self) -> Vec<InvalidationSink> {
@@ -532,9 +552,12 @@ impl Shared {
     /// Hands an invalidation to the topic's sinks, outside every lock,
     /// after keeping the snapshot it carried for their fetches.
     pub(crate) fn deliver(&self, event: &InvalidationEvent, carried: Carried) {
-        {
+        let sinks = {
             let mut topics = lock(&self.topics);
-            if let Some(t) = topics.get_mut(&event.topic) {
+            let Some(t) = topics.get_mut(&event.topic) else {
+                return;
+            };
+            {
                 t.seen = t.seen.max(Some(event.revision));
                 let snapshot = match carried {
                     Carried::Nothing => None,
@@ -557,8 +580,9 @@ impl Shared {
                     t.inlined = Some(snapshot);
                 }
             }
-        }
-        for sink in self.sinks_of(&event.topic) {
+            Sinks(t.sinks.clone())
+        };
+        for sink in &sinks {
             sink.deliver(event);
         }
     }
@@ -681,10 +705,7 @@ impl<T: Send + Sync + 'static> Subscriber for RemoteTopic<T> {
     ) -> Result<Subscription, BoxError> {
         let shared = self.client.inner.shared.clone();
         let sink_id = shared.next_sink.fetch_add(1, Ordering::Relaxed);
-        lock(&shared.topics)
-            .entry(topic.clone())
-            .or_default()
-            .sinks
+        Arc::make_mut(&mut lock(&shared.topics).entry(topic.clone()).or_default().sinks)
             .push((sink_id, sink));
         // Removed again unless this subscribe succeeds, also if cancelled.
         let mut pending = PendingSink {
@@ -738,7 +759,7 @@ fn remove_sink(shared: &Arc<Shared>, topic: &Topic, sink_id: u64) {
         let Some(entry) = topics.get_mut(topic) else {
             return;
         };
-        entry.sinks.retain(|(id, _)| *id != sink_id);
+        Arc::make_mut(&mut entry.sinks).retain(|(id, _)| *id != sink_id);
         let last = entry.sinks.is_empty();
         if last {
             topics.remove(topic);

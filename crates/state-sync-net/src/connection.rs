@@ -270,7 +270,7 @@ async fn serve(
             for topic in topics {
                 if let Err(e) = shared.ensure_subscribed(&topic).await {
                     tracing::warn!(%topic, error = %e, "resubscribe failed");
-                    for sink in shared.sinks_of(&topic) {
+                    for sink in &shared.sinks_of(&topic) {
                         sink.report_error(format!("resubscribing `{topic}` failed: {e}"));
                     }
                 }
@@ -390,7 +390,7 @@ fn dispatch(shared: &Shared, frame: &[u8]) {
                 let error = ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
                     .with_topic(topic.clone())
                     .with_raw_bytes(frame);
-                for sink in shared.sinks_of(&topic) {
+                for sink in &shared.sinks_of(&topic) {
                     sink.protocol_error(error.clone());
                 }
             }
