@@ -307,7 +307,7 @@ pub async fn run_shared<S: Storage>(open: impl Fn() -> S) {
         "expecting a record that is not there conflicts with none"
     );
 
-    // Both commits are announced (possibly with a resync in between).
+    // The commits are announced, or a resync tells the watcher to re-read.
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while !seen.contains(&second.revision) {
@@ -317,6 +317,14 @@ pub async fn run_shared<S: Storage>(open: impl Fn() -> S) {
             .expect("the change feed is open");
         match change {
             Change::Stored { topic: t, revision } if t == topic => seen.push(revision),
+            // Notices may have been lost (the listener was still
+            // connecting when the commits were made): re-read, as a hub
+            // does.
+            Change::Resync => {
+                if let Some(record) = watcher.load(&topic).await.expect("load") {
+                    seen.push(record.revision);
+                }
+            }
             _ => {}
         }
     }
