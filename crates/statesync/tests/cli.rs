@@ -403,27 +403,18 @@ fn a_config_file_with_an_unknown_key_is_refused_naming_the_key() {
 
 #[test]
 fn bench_runs_on_a_temporary_hub_and_on_a_running_one() {
-    let bench = |extra: &[&str]| -> Value {
-        let out = statesync()
-            .args([
-                "bench",
-                "--clients",
-                "5",
-                "--writes",
-                "10",
-                "--rate",
-                "200",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+    let bench = |extra: &[&str]| {
+        let args = [
+            "bench",
+            "--clients",
+            "5",
+            "--writes",
+            "10",
+            "--rate",
+            "200",
+            "--json",
+        ];
+        json_of(&[&args[..], extra].concat())
     };
     let whole = bench(&["--no-deltas"]);
     assert_eq!(whole["clients"], 5);

@@ -218,17 +218,18 @@ fn while_redis_is_down_status_marks_the_hub_stale_and_reads_keep_serving() {
 
 #[test]
 fn bench_compares_the_hub_with_a_redis_baseline_in_the_same_run() {
-    let out = statesync()
-        .args(["bench", "--clients", "4", "--writes", "10", "--rate", "200"])
-        .args(["--baseline", "redis", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = json_of(&[
+        "bench",
+        "--clients",
+        "4",
+        "--writes",
+        "10",
+        "--rate",
+        "200",
+        "--baseline",
+        "redis",
+        "--json",
+    ]);
     assert_eq!(result["redis"]["clients"], 4);
     assert!(
         result["redis"]["p99_ms"].as_f64().unwrap() > 0.0,

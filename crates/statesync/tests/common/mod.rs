@@ -16,6 +16,17 @@ pub fn statesync() -> Command {
     Command::cargo_bin("statesync").unwrap()
 }
 
+/// Runs `statesync ARGS`, which must succeed, and reads its stdout as JSON.
+pub fn json_of(args: &[&str]) -> Value {
+    let out = statesync().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A `statesync serve` process; killed on drop.
 pub struct HubProcess {
     pub child: Child,
