@@ -98,25 +98,25 @@ impl ServerProcess {
         })
     }
 
-    /// Snapshots fetched, snapshots inlined, snapshot bytes sent.
-    fn stats(&mut self) -> Result<[u64; 3], BoxError> {
+    /// The child's counters, as it prints them.
+    fn counters(&mut self) -> Result<Value, BoxError> {
         writeln!(self.stdin, "stats")?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Snapshots fetched, snapshots inlined, snapshot bytes sent.
+    fn stats(&mut self) -> Result<[u64; 3], BoxError> {
+        let v = self.counters()?;
         Ok(["fetched", "inlined", "bytes"].map(|k| v[k].as_u64().unwrap_or(0)))
     }
 
     /// Open connections and subscriptions.
     fn connections(&mut self) -> Result<(u64, u64), BoxError> {
-        writeln!(self.stdin, "stats")?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        let v: Value = serde_json::from_str(&line)?;
-        Ok((
-            v["connections"].as_u64().unwrap_or(0),
-            v["subscriptions"].as_u64().unwrap_or(0),
-        ))
+        let v = self.counters()?;
+        let count = |k: &str| v[k].as_u64().unwrap_or(0);
+        Ok((count("connections"), count("subscriptions")))
     }
 
     fn rss_kib(&self) -> u64 {

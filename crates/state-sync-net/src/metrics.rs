@@ -23,15 +23,7 @@ struct HotPath {
 
 /// The request types, as labels.
 #[cfg(feature = "metrics")]
-const REQUEST_KINDS: [&str; 7] = [
-    "hello",
-    "subscribe",
-    "unsubscribe",
-    "get",
-    "set",
-    "ping",
-    "status",
-];
+const REQUEST_KINDS: [&str; 7] = crate::protocol::CLIENT_MESSAGE_TYPES;
 
 #[cfg(feature = "metrics")]
 fn hot_path() -> &'static HotPath {

@@ -669,7 +669,8 @@ pub(crate) struct Envelope {
     pub(crate) id: Option<u64>,
 }
 
-pub(crate) const CLIENT_MESSAGE_TYPES: &[&str] = &[
+/// Every client message type (also the request metrics' labels).
+pub(crate) const CLIENT_MESSAGE_TYPES: [&str; 7] = [
     "hello",
     "subscribe",
     "unsubscribe",

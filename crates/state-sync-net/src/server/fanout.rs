@@ -32,6 +32,9 @@ pub(super) struct Pending {
     pub(super) gives: Option<Revision>,
     /// Whether the frame carries a delta.
     pub(super) delta: bool,
+    /// Whether the writer records `gives` as the client's next delta base:
+    /// only on subscriptions with deltas, so others pay nothing for them.
+    pub(super) base_for_deltas: bool,
 }
 
 impl Connection {
@@ -62,10 +65,11 @@ impl Connection {
     ) {
         let replaced = {
             let mut outbox = lock(&self.outbox);
-            let pending = match delta {
+            let mut pending = match delta {
                 Some((base, frame)) if outbox.delivered.get(topic) == Some(&base) => frame.clone(),
                 _ => full(),
             };
+            pending.base_for_deltas = true;
             outbox.pending.insert(topic.clone(), pending).is_some()
         };
         self.pushed(replaced, counters);
@@ -86,7 +90,9 @@ impl Connection {
         let mut outbox = lock(&self.outbox);
         let Outbox { pending, delivered } = &mut *outbox;
         for (topic, frame) in pending.drain() {
-            if let Some(revision) = frame.gives {
+            if frame.base_for_deltas
+                && let Some(revision) = frame.gives
+            {
                 record(delivered, topic, revision);
             }
             into.push(frame);
@@ -170,6 +176,7 @@ impl Shared {
                     inlined: 0,
                     gives: None,
                     delta: false,
+                    base_for_deltas: false,
                 };
                 // The current snapshot: at this revision or newer, as a
                 // batch of commits is announced one by one.
@@ -189,6 +196,7 @@ impl Shared {
                         inlined: s.data.len(),
                         gives: Some(s.revision),
                         delta: false,
+                        base_for_deltas: false,
                     },
                     None => plain(),
                 };
@@ -236,6 +244,7 @@ impl Shared {
                                 frame,
                                 gives: Some(s.revision),
                                 delta: true,
+                                base_for_deltas: true,
                             },
                         ))
                     });
