@@ -233,8 +233,20 @@ async fn spawn_watch_baseline() -> Result<f64, BoxError> {
 
 fn main() -> Result<(), BoxError> {
     // `engine_bench current_thread|multi_thread` runs only that fan-out,
-    // `engine_bench burst` only the burst, 20 times (for profiling).
+    // `engine_bench burst|stale` only the burst or the stale storm, 20 times
+    // (for profiling).
     let only = std::env::args().nth(1);
+    if only.as_deref() == Some("stale") {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                for _ in 0..20 {
+                    stale_storm().await?;
+                }
+                Ok(())
+            });
+    }
     if only.as_deref() == Some("current_thread") {
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -123,31 +123,28 @@ fn shown(s: &str) -> String {
 impl FromStr for Revision {
     type Err = ParseRevisionError;
 
+    // Every event and snapshot from a transport goes here: one pass with
+    // no overflow check per digit; only a 20-digit string can overflow,
+    // and for equal lengths text order is numeric order.
+    #[inline]
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const MAX: &str = "18446744073709551615";
         let bytes = s.as_bytes();
         if bytes.is_empty() {
             return Err(ParseRevisionError::Empty);
         }
-        // One pass: every event and snapshot from a transport goes here.
         let mut value: u64 = 0;
-        let mut overflow = false;
         for &b in bytes {
             let digit = b.wrapping_sub(b'0');
             if digit > 9 {
                 return Err(ParseRevisionError::InvalidDigit(shown(s)));
             }
-            match value
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u64::from(digit)))
-            {
-                Some(v) => value = v,
-                None => overflow = true,
-            }
+            value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
         }
         if bytes.len() > 1 && bytes[0] == b'0' {
             return Err(ParseRevisionError::LeadingZero(shown(s)));
         }
-        if overflow {
+        if bytes.len() > MAX.len() || (bytes.len() == MAX.len() && s > MAX) {
             return Err(ParseRevisionError::Overflow(shown(s)));
         }
         Ok(Revision(value))
@@ -290,6 +287,13 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn digit_strings_parse_as_u64_does_when_canonical(s in "[0-9]{1,22}") {
+            let canonical = s == "0" || !s.starts_with('0');
+            let expected = s.parse::<u64>().ok().filter(|_| canonical);
+            proptest::prop_assert_eq!(s.parse::<Revision>().ok().map(Revision::get), expected);
+        }
+
         #[test]
         fn display_parse_round_trip(n: u64) {
             let r = Revision::new(n);

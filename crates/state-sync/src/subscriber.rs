@@ -121,6 +121,7 @@ impl InvalidationSink {
 
     /// Delivers a decoded event. Events for other topics are ignored;
     /// events at or below the local revision cost two atomic loads.
+    #[inline]
     pub fn deliver(&self, event: &InvalidationEvent) {
         self.target.deliver(event);
     }

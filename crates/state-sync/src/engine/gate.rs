@@ -27,6 +27,7 @@ pub(super) struct Gate {
 impl Gate {
     /// Whether a snapshot or event at `revision` is not newer than what was
     /// applied. Nothing is stale before the first apply.
+    #[inline]
     pub(super) fn is_stale(&self, revision: Revision) -> bool {
         self.applied.load(Ordering::Acquire) && revision.get() <= self.local.load(Ordering::Acquire)
     }
@@ -53,7 +54,9 @@ impl Gate {
         crate::lock(&self.state)
     }
 
-    /// A fresh event: the filter, if any, then a wanted refresh.
+    /// A fresh event: the filter, if any, then a wanted refresh. Out of
+    /// line, so the stale path that every event takes stays small.
+    #[inline(never)]
     pub(super) fn on_invalidation(&self, event: &InvalidationEvent) {
         if let Some(filter) = &self.should_refresh {
             match std::panic::catch_unwind(AssertUnwindSafe(|| filter(event))) {
