@@ -42,6 +42,8 @@ export interface HubStatus {
   topics: TopicStatus[];
   damagedTopics: string[];
   stats: { connections: number; subscriptions: number; writes: number; [key: string]: unknown };
+  /** The hub process's CPU time and resident memory; absent where the platform does not tell them. */
+  process?: { cpuMs: number; rssBytes: number };
 }
 
 export type ServerMessage =

@@ -34,4 +34,4 @@ pub use client::{Client, ClientOptions, ConnectionStatus, Endpoint};
 pub use error::{Error, Result};
 pub use protocol::{ErrorCode, HubStatus, PROTOCOL_VERSION, Secret, TopicStatus};
 pub use remote_topic::RemoteTopic;
-pub use server::{Server, ServerConfig, ServerStats};
+pub use server::{ProcessStats, Server, ServerConfig, ServerStats};

@@ -251,6 +251,10 @@ pub struct HubStatus {
     pub damaged_topics: Vec<String>,
     /// Connections, subscriptions and counters, over the whole server.
     pub stats: crate::ServerStats,
+    /// The hub process's CPU time and memory, where the platform tells
+    /// them (Linux); absent elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<crate::ProcessStats>,
 }
 
 /// One topic in a [`HubStatus`].
@@ -316,6 +320,18 @@ impl SnapshotDelta {
     /// deadline the diff is coarser), and the changes grouped into splices
     /// cut on character boundaries.
     pub fn between(base: Revision, old: &str, revision: Revision, new: &str) -> SnapshotDelta {
+        Self::between_within(base, old, revision, new, Some(DIFF_DEADLINE))
+    }
+
+    /// [`SnapshotDelta::between`] with the diff's time limit given: `None`
+    /// for the finest diff however long it takes (what tests compare).
+    fn between_within(
+        base: Revision,
+        old: &str,
+        revision: Revision,
+        new: &str,
+        limit: Option<std::time::Duration>,
+    ) -> SnapshotDelta {
         let (old_b, new_b) = (old.as_bytes(), new.as_bytes());
         let prefix = old_b.iter().zip(new_b).take_while(|(a, b)| a == b).count();
         let room = old_b.len().min(new_b.len()) - prefix;
@@ -326,14 +342,14 @@ impl SnapshotDelta {
             .take(room)
             .take_while(|(a, b)| a == b)
             .count();
-        let deadline = std::time::Instant::now() + DIFF_DEADLINE;
+        let deadline = limit.map(|limit| std::time::Instant::now() + limit);
         let ops = similar::capture_diff_deadline(
             similar::Algorithm::Myers,
             old_b,
             prefix..old_b.len() - suffix,
             new_b,
             prefix..new_b.len() - suffix,
-            Some(deadline),
+            deadline,
         );
         // Changed ranges (in old, in new), widened to character boundaries
         // (the bytes around a change are equal in both), then merged.
@@ -833,7 +849,6 @@ mod tests {
 
     #[test]
     fn a_delta_rebuilds_the_new_text_from_its_base_only() {
-        // Small enough to diff within the deadline in a debug build.
         let long = "x".repeat(300);
         let cases = [
             (
@@ -861,9 +876,11 @@ mod tests {
                 serde_json::from_str(&serde_json::to_string(&delta).unwrap()).unwrap();
             assert_eq!(&wire, &delta);
         }
-        // Two places far apart are two small splices, not one big one.
+        // Two places far apart are two small splices, not one big one
+        // (without the time limit, which a slow debug build can reach).
         let (old, new) = &cases[8];
-        let delta = SnapshotDelta::between(Revision::new(1), old, Revision::new(2), new);
+        let delta =
+            SnapshotDelta::between_within(Revision::new(1), old, Revision::new(2), new, None);
         assert_eq!(delta.splices.len(), 2, "{delta:?}");
         assert!(delta.wire_len() < 64);
         let delta = SnapshotDelta::between(

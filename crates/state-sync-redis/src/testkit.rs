@@ -14,14 +14,6 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("redis test server")
-        .local_addr()
-        .expect("redis test server")
-        .port()
-}
-
 impl RedisServer {
     /// Starts one.
     ///
@@ -29,30 +21,50 @@ impl RedisServer {
     ///
     /// When `redis-server` is missing or does not start within 10 s.
     pub fn start() -> RedisServer {
-        let dir = tempfile::tempdir().expect("redis test server");
-        let port = free_port();
-        let child = Self::spawn(port, dir.path());
-        RedisServer { child, port, dir }
+        RedisServer::try_start().expect("redis-server (scripts/install-deps.sh installs it)")
+    }
+
+    /// Starts one, or says why it could not.
+    ///
+    /// # Errors
+    ///
+    /// `redis-server` is not on the `PATH` (`NotFound`), or does not accept
+    /// connections within 10 s (`TimedOut`).
+    pub fn try_start() -> std::io::Result<RedisServer> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Self::try_spawn(port, dir.path())?;
+        Ok(RedisServer { child, port, dir })
     }
 
     fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        let child = Command::new("redis-server")
+        Self::try_spawn(port, dir).expect("redis-server (scripts/install-deps.sh installs it)")
+    }
+
+    fn try_spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+        let mut child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("redis-server must be installed (scripts/install-deps.sh installs it)");
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run redis-server: {e}")))?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("redis-server did not accept connections on port {port} within 10 s"),
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        child
+        Ok(child)
     }
 
     /// Its URL.

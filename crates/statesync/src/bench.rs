@@ -360,6 +360,13 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     let snapshot_bytes = per_write_of(|s| s.snapshot_bytes_sent + s.snapshot_bytes_inlined);
     let bytes_out = per_write_of(|s| s.bytes_sent);
     let deltas = per_write_of(|s| s.snapshots_as_deltas);
+    // A temporary hub runs in this process: its CPU is in the client's.
+    let hub_cpu = stats_before
+        .as_ref()
+        .and_then(|s| s.process)
+        .zip(stats_after.as_ref().and_then(|s| s.process))
+        .filter(|_| !temporary)
+        .map(|(before, after)| per_write(after.cpu_ms.saturating_sub(before.cpu_ms) as f64));
     for (_, handle, _) in replicas {
         handle.stop().await;
     }
@@ -376,6 +383,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "p99_ms": latency.p99_ms,
         "max_ms": latency.max_ms,
         "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
+        "hub_cpu_ms_per_write": hub_cpu,
         "deltas": !args.no_deltas,
         "hub_snapshot_bytes_per_write": snapshot_bytes,
         "hub_bytes_out_per_write": bytes_out,
@@ -409,13 +417,16 @@ fn table(result: &Value) -> String {
         let redis = &result["redis"];
         return format!(
             "{}\n\nbaseline: Redis pub/sub + GET, {} coalescing replicas\n\
-             convergence: p50 {} ms, p99 {} ms, max {} ms; Redis bytes out per write: {}\n\
+             convergence: p50 {} ms, p99 {} ms, max {} ms\n\
+             CPU per write: client {} ms, Redis {} ms; Redis bytes out per write: {}\n\
              hub over Redis: p50 {}, p99 {}, bytes per write {}",
             table(&result["hub"]),
             redis["clients"],
             redis["p50_ms"],
             redis["p99_ms"],
             redis["max_ms"],
+            redis["client_cpu_ms_per_write"],
+            redis["redis_cpu_ms_per_write"],
             redis["redis_bytes_out_per_write"],
             result["hub_over_redis"]["p50"],
             result["hub_over_redis"]["p99"],
@@ -429,7 +440,7 @@ fn table(result: &Value) -> String {
     format!(
         "statesync bench: {} replicas on {}, {} writes of {} B at {}/s\n\
          convergence (write sent → every replica applied): p50 {} ms, p99 {} ms, max {} ms\n\
-         client CPU per write: {} ms; hub bytes out per write: {} (snapshots: {}; deltas: {})",
+         CPU per write: client {} ms, hub {} ms; hub bytes out per write: {} (snapshots: {}; deltas: {})",
         show("clients"),
         result["hub"].as_str().unwrap_or("?"),
         show("writes"),
@@ -439,6 +450,7 @@ fn table(result: &Value) -> String {
         show("p99_ms"),
         show("max_ms"),
         show("client_cpu_ms_per_write"),
+        show("hub_cpu_ms_per_write"),
         show("hub_bytes_out_per_write"),
         show("hub_snapshot_bytes_per_write"),
         show("deltas_per_write"),
@@ -446,7 +458,7 @@ fn table(result: &Value) -> String {
 }
 
 /// This process's CPU time, where the platform tells it.
-fn cpu_time() -> Option<Duration> {
+pub(crate) fn cpu_time() -> Option<Duration> {
     cpu_time::ProcessTime::try_now()
         .ok()
         .map(|t| t.as_duration())

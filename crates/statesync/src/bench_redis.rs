@@ -36,7 +36,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// within 60 s.
 pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
     // Starting and stopping the server blocks: off the runtime's threads.
-    let server = tokio::task::spawn_blocking(RedisServer::start).await?;
+    let server = tokio::task::spawn_blocking(RedisServer::try_start).await??;
     let client = redis::Client::open(server.url())?;
     let mut writer = client.get_multiplexed_async_connection().await?;
     let payload = "x".repeat(load.payload_bytes);
@@ -61,7 +61,7 @@ pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
         tasks.push(tokio::spawn(replica(pubsub, connection, log, load.writes)));
     }
 
-    let bytes_before = net_output_bytes(&server);
+    let before = Usage::of(&server);
     let mut writes = Vec::with_capacity(load.writes as usize);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(load.rate)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,8 +92,13 @@ pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
     if !matches!(converged, Ok(Ok(()))) {
         return Err("a Redis replica did not converge within 60 s".into());
     }
-    let bytes_after = net_output_bytes(&server);
+    let after = Usage::of(&server);
     let latency = Convergence::of(&writes, &logs);
+    let per_write = |before: Option<f64>, after: Option<f64>| {
+        before
+            .zip(after)
+            .map(|(b, a)| ((a - b).max(0.0) / f64::from(load.writes) * 100.0).round() / 100.0)
+    };
     tokio::task::spawn_blocking(move || drop(server)).await?;
     Ok(json!({
         "baseline": "redis pub/sub + GET",
@@ -104,9 +109,9 @@ pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
         "p50_ms": latency.p50_ms,
         "p99_ms": latency.p99_ms,
         "max_ms": latency.max_ms,
-        "redis_bytes_out_per_write": bytes_before.zip(bytes_after).map(|(b, a)| {
-            ((a.saturating_sub(b)) as f64 / f64::from(load.writes) * 100.0).round() / 100.0
-        }),
+        "redis_bytes_out_per_write": per_write(before.net_output_bytes, after.net_output_bytes),
+        "redis_cpu_ms_per_write": per_write(before.cpu_ms, after.cpu_ms),
+        "client_cpu_ms_per_write": per_write(before.client_cpu_ms, after.client_cpu_ms),
     }))
 }
 
@@ -157,11 +162,29 @@ fn notice_revision(message: &redis::Msg) -> u32 {
     message.get_payload::<u32>().unwrap_or(0)
 }
 
-/// `total_net_output_bytes` from `INFO stats`.
-fn net_output_bytes(server: &RedisServer) -> Option<u64> {
-    server
-        .cli(&["INFO", "stats"])
-        .lines()
-        .find_map(|line| line.strip_prefix("total_net_output_bytes:"))
-        .and_then(|n| n.trim().parse().ok())
+/// What Redis and its replicas have used so far.
+struct Usage {
+    /// `total_net_output_bytes` from `INFO stats`.
+    net_output_bytes: Option<f64>,
+    /// `used_cpu_sys + used_cpu_user` from `INFO cpu`, in ms.
+    cpu_ms: Option<f64>,
+    /// This process's CPU time (the replicas and the writer), in ms.
+    client_cpu_ms: Option<f64>,
+}
+
+impl Usage {
+    fn of(server: &RedisServer) -> Usage {
+        let info = server.cli(&["INFO"]);
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+        };
+        let cpu_seconds = field("used_cpu_sys").zip(field("used_cpu_user"));
+        Usage {
+            net_output_bytes: field("total_net_output_bytes"),
+            cpu_ms: cpu_seconds.map(|(sys, user)| (sys + user) * 1e3),
+            client_cpu_ms: crate::bench::cpu_time().map(|t| t.as_secs_f64() * 1e3),
+        }
+    }
 }

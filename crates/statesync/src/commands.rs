@@ -444,6 +444,14 @@ fn status_table(status: &HubStatus) -> String {
         stats.snapshots_sent,
         stats.snapshots_inlined,
     );
+    if let Some(process) = &status.process {
+        let _ = writeln!(
+            out,
+            "process: CPU {:.2} s, resident {:.1} MiB",
+            process.cpu_ms as f64 / 1e3,
+            process.rss_bytes as f64 / f64::from(1 << 20)
+        );
+    }
     let width = status
         .topics
         .iter()

@@ -446,6 +446,13 @@ fn bench_runs_on_a_temporary_hub_and_on_a_running_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(table.contains("p50") && table.contains("p99"), "{table}");
+    // The hub runs in its own process here, so its CPU is its own line;
+    // a temporary hub's is in the client's.
+    assert!(table.contains("CPU per write: client"), "{table}");
+    if cfg!(target_os = "linux") {
+        assert!(!table.contains("hub n/a"), "{table}");
+    }
+    assert_eq!(deltas["hub_cpu_ms_per_write"], serde_json::Value::Null);
     // Its own topic; the hub's others are untouched.
     let (_, got, _) = run(&["get", "mine"], &hub.socket);
     assert!(got.contains(r#""data":1"#), "{got}");

@@ -28,8 +28,11 @@ use tracing::Instrument;
 
 mod fanout;
 mod listeners;
+mod process;
 mod session;
 mod writer;
+
+pub use process::ProcessStats;
 
 use fanout::*;
 use listeners::*;
@@ -437,6 +440,7 @@ impl Shared {
                 .map(|(topic, _)| topic.as_str().to_owned())
                 .collect(),
             stats,
+            process: ProcessStats::current(),
         }
     }
 }
