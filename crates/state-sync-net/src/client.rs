@@ -816,7 +816,7 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
             })?;
             Ok(match fetched {
                 Fetched::Snapshot(snapshot) => {
-                    let data = serde_json::from_slice(&snapshot.data).map_err(|e| {
+                    let data = crate::protocol::from_json(&snapshot.data).map_err(|e| {
                         FetchError::Protocol(
                             ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
                                 .with_topic(request.topic.clone())

@@ -478,6 +478,19 @@ struct InvalidationFields {
     delta: Option<SnapshotDelta>,
 }
 
+/// Decodes JSON text. Valid UTF-8 (every frame a peer of this crate
+/// sends) is checked once and read as text, so the parser does not check
+/// each string again; anything else goes through the byte parser, for its
+/// error.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, serde_json::Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
 /// Whether `frame`'s `type` is `kind`. Frames written with `type` first (as
 /// this crate writes them) are classified without a second parse.
 fn is_kind(frame: &[u8], kind: &str) -> Result<bool, serde_json::Error> {
@@ -485,7 +498,7 @@ fn is_kind(frame: &[u8], kind: &str) -> Result<bool, serde_json::Error> {
         Some(rest) => rest
             .strip_prefix(kind.as_bytes())
             .is_some_and(|after| after.first() == Some(&b'"')),
-        None => serde_json::from_slice::<Envelope>(frame)?.kind == kind,
+        None => from_json::<Envelope>(frame)?.kind == kind,
     })
 }
 
@@ -498,7 +511,7 @@ where
     F: serde::de::DeserializeOwned,
 {
     match is_kind(frame, kind) {
-        Ok(true) => Some(serde_json::from_slice::<F>(frame).and_then(M::try_from)),
+        Ok(true) => Some(from_json::<F>(frame).and_then(M::try_from)),
         Ok(false) => None,
         Err(e) => Some(Err(e)),
     }
@@ -561,7 +574,7 @@ impl ClientMessage {
     ///
     /// Not JSON, an unknown `type`, or missing and ill-typed fields.
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
-        decode_raw::<Self, SetFields>(frame, "set").unwrap_or_else(|| serde_json::from_slice(frame))
+        decode_raw::<Self, SetFields>(frame, "set").unwrap_or_else(|| from_json(frame))
     }
 }
 
@@ -575,7 +588,7 @@ impl ServerMessage {
     pub fn decode(frame: &[u8]) -> Result<Self, serde_json::Error> {
         decode_raw::<Self, SnapshotFields>(frame, "snapshot")
             .or_else(|| decode_raw::<Self, InvalidationFields>(frame, "invalidation"))
-            .unwrap_or_else(|| serde_json::from_slice(frame))
+            .unwrap_or_else(|| from_json(frame))
     }
 }
 
@@ -790,6 +803,29 @@ pub(crate) fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_and_bytes_decode_alike_and_invalid_utf8_is_an_error() {
+        let frame = br#"{"type":"invalidation","topic":"t","revision":"3","sourceId":"w\u00e9"}"#;
+        assert_eq!(
+            from_json::<serde_json::Value>(frame).unwrap(),
+            serde_json::from_slice::<serde_json::Value>(frame).unwrap()
+        );
+        assert!(matches!(
+            ServerMessage::decode(frame).unwrap(),
+            ServerMessage::Invalidation { revision, .. } if revision == Revision::new(3)
+        ));
+        // Invalid UTF-8 inside a string, and a lone byte: errors, never a
+        // panic, and the same errors as the byte parser's.
+        for bad in [&b"{\"type\":\"pong\",\"x\":\"\xff\"}"[..], b"\xfe"] {
+            let ours = from_json::<serde_json::Value>(bad).unwrap_err().to_string();
+            let theirs = serde_json::from_slice::<serde_json::Value>(bad)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(ours, theirs);
+            assert!(ClientMessage::decode(bad).is_err());
+        }
+    }
 
     #[test]
     fn spliced_snapshot_decodes_as_a_snapshot_message() {

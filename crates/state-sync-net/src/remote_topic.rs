@@ -93,7 +93,7 @@ impl<T: TopicValue> SharedTopic<T> for RemoteTopic<T> {
             .get_json(self.topic.as_str())
             .await
             .map_err(|e| self.hub_error(e, None))?;
-        let value = serde_json::from_slice(&json).map_err(|e| HubError::InvalidData {
+        let value = crate::protocol::from_json(&json).map_err(|e| HubError::InvalidData {
             topic: self.topic.clone(),
             source: Arc::new(e),
         })?;
