@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build -p statesync
-export STATESYNC_BIN="$PWD/target/debug/statesync"
+# Where cargo put it: a CARGO_TARGET_DIR elsewhere is honoured.
+export STATESYNC_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/statesync"
 cd clients/js
 npm ci --no-audit --no-fund --loglevel=error
 node scripts/build.mjs --check

@@ -13,7 +13,7 @@ import { connectHub } from "../dist/index.js";
 import { HubProcess, waitFor } from "../test/helpers.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
-process.env.STATESYNC_BIN ??= join(here, "../../../target/release/statesync");
+process.env.STATESYNC_BIN ??= join(process.env.CARGO_TARGET_DIR ?? join(here, "../../../target"), "release/statesync");
 const CLIENTS = Number(process.env.CLIENTS ?? 200);
 const WRITES = Number(process.env.WRITES ?? 200);
 const RATE = Number(process.env.RATE ?? 50);

@@ -11,9 +11,10 @@ import { promisify } from "node:util";
 
 const here = dirname(fileURLToPath(import.meta.url));
 
-/** The `statesync` binary: `STATESYNC_BIN`, else the workspace's debug build. */
+/** The `statesync` binary: `STATESYNC_BIN`, else the workspace's debug build (under `CARGO_TARGET_DIR` when set). */
 export function statesyncBin() {
-  const bin = process.env.STATESYNC_BIN ?? join(here, "../../../target/debug/statesync");
+  const target = process.env.CARGO_TARGET_DIR ?? join(here, "../../../target");
+  const bin = process.env.STATESYNC_BIN ?? join(target, "debug/statesync");
   if (!existsSync(bin)) {
     throw new Error(`${bin} is missing: run \`cargo build -p statesync\` (or set STATESYNC_BIN)`);
   }
