@@ -1,5 +1,6 @@
 //! [`MemorySource`]: a source of truth for one topic inside one process.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,10 +47,36 @@ struct Inner<T> {
     topic: Topic,
     /// Read by every fetch, written by publishes: readers share it.
     state: RwLock<SnapshotEnvelope<T>>,
+    subscribers: Mutex<Subscribers>,
+    next_id: AtomicU64,
+}
+
+/// The subscribed sinks, and where each is in the list, so that ending a
+/// subscription costs the same however many there are.
+#[derive(Default)]
+struct Subscribers {
     /// Copied on write only while a publish is delivering from it, so a
     /// publish takes the list without allocating.
-    subscribers: Mutex<Arc<Vec<(u64, InvalidationSink)>>>,
-    next_id: AtomicU64,
+    sinks: Arc<Vec<(u64, InvalidationSink)>>,
+    at: HashMap<u64, usize>,
+}
+
+impl Subscribers {
+    fn add(&mut self, id: u64, sink: InvalidationSink) {
+        self.at.insert(id, self.sinks.len());
+        Arc::make_mut(&mut self.sinks).push((id, sink));
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(at) = self.at.remove(&id) else {
+            return;
+        };
+        let sinks = Arc::make_mut(&mut self.sinks);
+        sinks.swap_remove(at);
+        if let Some((moved, _)) = sinks.get(at) {
+            self.at.insert(*moved, at);
+        }
+    }
 }
 
 impl<T> Clone for MemorySource<T> {
@@ -192,7 +219,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
     /// Number of live subscriptions.
     #[must_use]
     pub fn subscriber_count(&self) -> usize {
-        lock(&self.inner.subscribers).len()
+        lock(&self.inner.subscribers).sinks.len()
     }
 
     fn commit(&self, source_id: Option<String>, f: impl FnOnce(&T) -> T) -> Revision {
@@ -214,7 +241,7 @@ impl<T: Clone + Send + Sync + 'static> MemorySource<T> {
             timestamp_ms: None,
         };
         // Deliver outside every lock: sinks may run user filters.
-        let sinks = lock(&self.inner.subscribers).clone();
+        let sinks = lock(&self.inner.subscribers).sinks.clone();
         for (_, sink) in sinks.iter() {
             sink.deliver(&event);
         }
@@ -229,14 +256,11 @@ impl<T: Clone + Send + Sync + 'static> Subscriber for MemorySource<T> {
     ) -> impl Future<Output = Result<Subscription, BoxError>> + Send {
         let result = if topic.matches(&self.inner.topic) {
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-            Arc::make_mut(&mut lock(&self.inner.subscribers)).push((id, sink));
+            lock(&self.inner.subscribers).add(id, sink);
             let weak = Arc::downgrade(&self.inner);
             Ok(Subscription::new(move || {
                 if let Some(inner) = weak.upgrade() {
-                    let mut subscribers = lock(&inner.subscribers);
-                    if let Some(at) = subscribers.iter().position(|(i, _)| *i == id) {
-                        Arc::make_mut(&mut subscribers).swap_remove(at);
-                    }
+                    lock(&inner.subscribers).remove(id);
                 }
             }))
         } else {
@@ -296,4 +320,42 @@ fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[test]
+    fn subscriptions_end_in_any_order_and_only_the_live_ones_hear_publishes() {
+        let topic = Topic::new("t").unwrap();
+        let source = MemorySource::new(topic.clone(), 0u32);
+        let heard: Vec<Arc<AtomicUsize>> = (0..6).map(|_| Arc::default()).collect();
+        let mut subscriptions: Vec<Option<Subscription>> = heard
+            .iter()
+            .map(|count| {
+                let count = count.clone();
+                let sink = InvalidationSink::from_fn(topic.clone(), move |_| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                });
+                Some(futures::executor::block_on(source.subscribe(&topic, sink)).unwrap())
+            })
+            .collect();
+        // The first, the last and one in the middle: each removal moves
+        // another subscription into its place.
+        for ended in [0, 5, 2] {
+            subscriptions[ended] = None;
+        }
+        assert_eq!(source.subscriber_count(), 3);
+        source.publish(1);
+        let counts: Vec<usize> = heard.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(counts, [0, 1, 0, 1, 1, 0]);
+        subscriptions.clear();
+        assert_eq!(source.subscriber_count(), 0);
+        source.publish(2);
+        let total: usize = heard.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        assert_eq!(total, 3);
+    }
 }
