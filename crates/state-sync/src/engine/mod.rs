@@ -112,23 +112,25 @@ struct State {
     throttle_window_start: Option<Instant>,
 }
 
+/// In declaration order, what every refresh touches first (see [`Gate`]).
+#[repr(C)]
 struct Engine<S, P: Provider, A> {
     gate: Arc<Gate>,
-    subscriber: S,
-    provider: P,
-    applier: A,
-    options: Options,
-    progress: watch::Sender<Status>,
-    /// Wakes `wait_for_revision` callers after each apply and at stop.
-    revision_changed: Notify,
     /// One fetch-and-apply at a time; `stop` takes a turn to wait out a
     /// running apply.
     turn: futures::lock::Mutex<()>,
+    provider: P,
+    applier: A,
+    metrics: ReplicaMetrics,
+    options: Options,
+    subscriber: S,
+    progress: watch::Sender<Status>,
+    /// Wakes `wait_for_revision` callers after each apply and at stop.
+    revision_changed: Notify,
     /// Concurrent `start` calls wait for the first one.
     start_turn: tokio::sync::Mutex<()>,
     /// Set once the worker task is spawned (at the first `start`).
     worker_parked: OnceLock<()>,
-    metrics: ReplicaMetrics,
 }
 
 impl<S, P: Provider, A> Drop for Engine<S, P, A> {
@@ -431,7 +433,8 @@ where
     ) -> Result<Option<SnapshotEnvelope<P::Data>>> {
         let mut request = FetchRequest::new(self.gate.topic.clone());
         request.if_newer_than = self.gate.local();
-        let mut backoff = self.options.retry.backoff();
+        // Made at the first failure: most fetches never retry.
+        let mut backoff = None;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -465,7 +468,9 @@ where
                 }
                 Err(FetchError::Unavailable(error)) => error,
             };
-            let delay = backoff.next_delay();
+            let delay = backoff
+                .get_or_insert_with(|| self.options.retry.backoff())
+                .next_delay();
             let context = ErrorContext {
                 attempt: Some(attempt),
                 will_retry: delay.is_some(),
