@@ -348,7 +348,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
 
     let logs: Vec<Applied> = replicas.iter().map(|(_, _, log)| log.clone()).collect();
     let latency = Convergence::of(&writes, &logs);
-    let per_write = |v: f64| (v / f64::from(args.writes) * 100.0).round() / 100.0;
+    let per_write = |total: f64| per_write(total, args.writes);
     let per_write_of = |counter: fn(&state_sync_net::ServerStats) -> u64| {
         stats_before
             .as_ref()
@@ -455,6 +455,12 @@ fn table(result: &Value) -> String {
         show("hub_snapshot_bytes_per_write"),
         show("deltas_per_write"),
     )
+}
+
+/// `total` spread over `writes`, to two decimals, as every figure the
+/// bench prints per write.
+pub(crate) fn per_write(total: f64, writes: u32) -> f64 {
+    (total / f64::from(writes) * 100.0).round() / 100.0
 }
 
 /// This process's CPU time, where the platform tells it.

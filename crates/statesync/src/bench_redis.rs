@@ -97,7 +97,7 @@ pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
     let per_write = |before: Option<f64>, after: Option<f64>| {
         before
             .zip(after)
-            .map(|(b, a)| ((a - b).max(0.0) / f64::from(load.writes) * 100.0).round() / 100.0)
+            .map(|(b, a)| crate::bench::per_write((a - b).max(0.0), load.writes))
     };
     tokio::task::spawn_blocking(move || drop(server)).await?;
     Ok(json!({

@@ -1,9 +1,11 @@
 //! The revision gate: the local revision, whether anything was applied,
-//! and whether the handle is closed, read with atomic loads.
+//! and whether the handle is closed, read with atomic loads; and the
+//! handle's state, where a fresh event queues its refresh.
 
 use super::*;
 
-/// The lock-free part of a handle that every delivered event touches.
+/// The part of a handle that every delivered event touches: the revision
+/// check (atomic loads, no lock), then for a fresh event the pending slot.
 ///
 /// In declaration order, what every event and refresh touches first, so
 /// it shares as few cache lines as it can: a fan-out to many handles

@@ -235,14 +235,6 @@ where
 
     // ---- invalidations -------------------------------------------------
 
-    /// Records a wanted refresh and makes sure a worker will run it.
-    fn request(&self, event: Option<InvalidationEvent>, forced: bool) {
-        self.gate.request(event, forced);
-    }
-
-    /// Wakes the parked worker. One task per handle, parked between
-    /// refreshes, costs less than a spawn per refresh: no allocation and
-    /// no task registration on the hot path.
     /// Spawns the worker task on the current runtime, once.
     fn park_worker(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         if self.worker_parked.set(()).is_ok() {
@@ -642,7 +634,7 @@ where
             return Ok(());
         }
         if self.in_own_apply() {
-            self.request(None, true);
+            self.gate.request(None, true);
             return Ok(());
         }
         self.refresh_turn(None, false).await

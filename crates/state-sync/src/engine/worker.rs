@@ -140,7 +140,7 @@ where
         if self.lock().lifecycle == Lifecycle::Started {
             self.set_status(Status::Live);
         }
-        self.request(None, true);
+        self.gate.request(None, true);
     }
 }
 
