@@ -19,6 +19,7 @@ use state_sync::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::TopicMap;
 pub use crate::client_options::ClientOptions;
 pub use crate::endpoint::Endpoint;
 use crate::error::Error;
@@ -93,7 +94,7 @@ pub(crate) struct Shared {
     pub(crate) outgoing: Mutex<Option<mpsc::Sender<Bytes>>>,
     pub(crate) waiting: Mutex<HashMap<u64, oneshot::Sender<ServerMessage>>>,
     pub(crate) next_id: AtomicU64,
-    pub(crate) topics: Mutex<HashMap<Topic, TopicSinks>>,
+    pub(crate) topics: Mutex<TopicMap<TopicSinks>>,
     next_sink: AtomicU64,
     /// Counts connections, so a subscription made on an old one is not
     /// mistaken for one on the current connection.
@@ -216,7 +217,7 @@ impl Client {
             outgoing: Mutex::new(None),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            topics: Mutex::new(HashMap::new()),
+            topics: Mutex::default(),
             next_sink: AtomicU64::new(1),
             connection: AtomicU64::new(0),
             ended: AtomicU64::new(0),

@@ -35,3 +35,9 @@ pub use error::{Error, Result};
 pub use protocol::{ErrorCode, HubStatus, PROTOCOL_VERSION, Secret, TopicStatus};
 pub use remote_topic::RemoteTopic;
 pub use server::{ProcessStats, Server, ServerConfig, ServerStats};
+
+/// A map keyed by topic, for the maps every frame looks up (a connection's
+/// outbox, a client's subscriptions). SipHash costs more than the rest of
+/// such a lookup; foldhash is randomly seeded per process, and these maps
+/// only hold topics one connection subscribed to, within its limit.
+pub(crate) type TopicMap<V> = foldhash::HashMap<state_sync::Topic, V>;

@@ -3,6 +3,7 @@
 //! topic and connection.
 
 use super::*;
+use crate::TopicMap;
 
 /// One connection's outgoing invalidation frames: the newest per topic.
 pub(super) struct Connection {
@@ -13,11 +14,11 @@ pub(super) struct Connection {
 /// What waits to be written, and what was written, on one connection.
 #[derive(Default)]
 pub(super) struct Outbox {
-    pub(super) pending: HashMap<Topic, Pending>,
+    pub(super) pending: TopicMap<Pending>,
     /// Per subscribed topic: the newest snapshot handed to the writer
     /// (pushed or answered), which a delta may start from, as the client
     /// keeps the newest it was given on this connection.
-    pub(super) delivered: HashMap<Topic, Revision>,
+    pub(super) delivered: TopicMap<Revision>,
 }
 
 /// An invalidation frame waiting to be written, shared by every connection
@@ -114,7 +115,7 @@ impl Connection {
 }
 
 /// The client keeps the newest snapshot it was given: so does this record.
-fn record(delivered: &mut HashMap<Topic, Revision>, topic: Topic, revision: Revision) {
+fn record(delivered: &mut TopicMap<Revision>, topic: Topic, revision: Revision) {
     let at = delivered.entry(topic).or_insert(revision);
     *at = (*at).max(revision);
 }

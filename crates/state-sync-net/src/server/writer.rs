@@ -1,6 +1,8 @@
 //! A connection's writer: answers and pending invalidations, each write
 //! within the write timeout.
 
+use futures::FutureExt;
+
 use super::*;
 
 /// Sends one frame within the write timeout.
@@ -9,7 +11,24 @@ pub(super) async fn send_within(
     frame: Bytes,
     limit: Duration,
 ) -> Result<(), String> {
-    match tokio::time::timeout(limit, sink.send(frame)).await {
+    within(limit, sink.send(frame)).await
+}
+
+/// Runs a write within `limit`. Most writes complete at their first poll,
+/// as the socket has room: those never touch the timer wheel (a timer
+/// armed and cancelled per write per connection is a lock and an insert in
+/// the runtime's timer, on every connection of every fan-out).
+async fn within<F>(limit: Duration, write: F) -> Result<(), String>
+where
+    F: Future<Output = io::Result<()>>,
+{
+    let mut write = std::pin::pin!(write);
+    let result = match write.as_mut().now_or_never() {
+        Some(result) => Ok(result),
+        // Polled again under the timeout, with the task's own waker.
+        None => tokio::time::timeout(limit, write).await,
+    };
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("write failed: {e}")),
         Err(_) => Err(format!(
@@ -81,11 +100,7 @@ pub(super) async fn write_loop(
                     }
                     sink.flush().await
                 };
-                match tokio::time::timeout(limit, written).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(format!("write failed: {e}")),
-                    Err(_) => Err(format!("no write progress for {limit:?}: the peer is not reading")),
-                }
+                within(limit, written).await
             }
         };
         if let Err(reason) = result {
@@ -98,4 +113,34 @@ pub(super) async fn write_loop(
         }
     }
     let _ = tokio::time::timeout(limit, sink.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_ready_at_once_or_later_succeeds_and_one_that_never_progresses_times_out() {
+        assert_eq!(within(LIMIT, async { Ok(()) }).await, Ok(()));
+
+        // Not ready at the first poll: finished under the timeout, woken by
+        // the task's own waker.
+        let (done, written) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tokio::time::sleep(LIMIT / 2).await;
+            let _ = done.send(());
+        });
+        let later = async { written.await.map_err(io::Error::other) };
+        assert_eq!(within(LIMIT, later).await, Ok(()));
+
+        let failed = within(LIMIT, async { Err(io::Error::other("reset")) }).await;
+        assert_eq!(failed, Err("write failed: reset".to_owned()));
+
+        let started = Instant::now();
+        let stalled = within(LIMIT, std::future::pending()).await;
+        assert!(stalled.is_err_and(|e| e.contains("the peer is not reading")));
+        assert_eq!(started.elapsed(), LIMIT);
+    }
 }
