@@ -34,8 +34,12 @@ impl Server {
             Some((listener.accept().await, listener))
         });
         spawn_accept_loop(&self.shared, accepted, |shared, (stream, _)| {
-            let (read, write) = stream.into_split();
-            serve_byte_stream(shared, read, write, "unix");
+            match super::unix_stream::split(stream) {
+                Ok((read, write)) => serve_byte_stream(shared, read, write, "unix"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping a unix connection it cannot register")
+                }
+            }
         });
         Ok(path)
     }

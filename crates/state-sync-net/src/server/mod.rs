@@ -30,6 +30,8 @@ mod fanout;
 mod listeners;
 mod process;
 mod session;
+#[cfg(unix)]
+mod unix_stream;
 mod writer;
 
 pub use process::ProcessStats;
