@@ -34,12 +34,7 @@ impl Server {
             Some((listener.accept().await, listener))
         });
         spawn_accept_loop(&self.shared, accepted, |shared, (stream, _)| {
-            match super::unix_stream::split(stream) {
-                Ok((read, write)) => serve_byte_stream(shared, read, write, "unix"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "dropping a unix connection it cannot register")
-                }
-            }
+            serve_unix_stream(shared, stream, "unix");
         });
         Ok(path)
     }
@@ -69,8 +64,17 @@ impl Server {
             Some((listener.accept().await, listener))
         });
         spawn_accept_loop(&self.shared, accepted, |shared, stream| {
-            let (read, write) = tokio::io::split(stream);
-            serve_byte_stream(shared, read, write, "local");
+            // A Unix domain socket on Unix, served as the Unix listener's are.
+            #[cfg(unix)]
+            {
+                let interprocess::local_socket::tokio::Stream::UdSocket(stream) = stream;
+                serve_unix_stream(shared, tokio::net::UnixStream::from(stream), "local");
+            }
+            #[cfg(not(unix))]
+            {
+                let (read, write) = tokio::io::split(stream);
+                serve_byte_stream(shared, read, write, "local");
+            }
         });
         Ok(name.to_owned())
     }
@@ -291,6 +295,20 @@ pub(super) fn spawn_accept_loop<S: Send + 'static>(
             }
         }
     });
+}
+
+/// Serves a Unix domain socket, registered for reading only (see
+/// [`super::unix_stream`]).
+#[cfg(unix)]
+fn serve_unix_stream(
+    shared: &Arc<Shared>,
+    stream: tokio::net::UnixStream,
+    transport: &'static str,
+) {
+    match super::unix_stream::split(stream) {
+        Ok((read, write)) => serve_byte_stream(shared, read, write, transport),
+        Err(e) => tracing::warn!(error = %e, transport, "dropping a connection it cannot register"),
+    }
 }
 
 /// Serves a byte-stream connection (Unix or local socket) with
