@@ -7,7 +7,8 @@
 //! a write found the buffer full. Registered for both, a hub that writes a
 //! frame to 1 000 replicas is told 1 000 times that it may write again, and
 //! wakes to scan those events: a fifth of the hub's CPU on Unix sockets,
-//! and a tenth of the replicas' (see `docs/BENCHMARKS.md`).
+//! and about 6 % of the replicas', whose reads run the wake-ups (see
+//! `docs/BENCHMARKS.md`).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
