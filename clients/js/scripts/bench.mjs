@@ -4,6 +4,7 @@
 //
 //   npm run bench            (after `cargo build --release -p statesync`)
 //   CLIENTS=500 WRITES=300 npm run bench
+//   PAYLOAD_BYTES=16384 DELTAS=0 npm run bench   (whole snapshots only)
 import { execFile } from "node:child_process";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,6 +19,7 @@ const CLIENTS = Number(process.env.CLIENTS ?? 200);
 const WRITES = Number(process.env.WRITES ?? 200);
 const RATE = Number(process.env.RATE ?? 50);
 const PAYLOAD = Number(process.env.PAYLOAD_BYTES ?? 1024);
+const DELTAS = process.env.DELTAS !== "0";
 
 const hub = await HubProcess.start();
 try {
@@ -29,7 +31,7 @@ try {
   const clients = [];
   const logs = [];
   for (let i = 0; i < CLIENTS; i++) {
-    const client = connectHub({ url: hub.url, clientId: `bench-${i}` });
+    const client = connectHub({ url: hub.url, clientId: `bench-${i}`, deltas: DELTAS });
     const replica = client.topic(topic);
     const log = [];
     replica.subscribe((snapshot) => log.push([snapshot.revision, performance.now()]));
@@ -38,6 +40,7 @@ try {
     logs.push(log);
   }
 
+  const statsBefore = (await writer.hubStatus()).stats;
   const cpuBefore = process.cpuUsage();
   const writes = [];
   const interval = 1000 / RATE;
@@ -53,6 +56,8 @@ try {
   const last = writes.at(-1)[0];
   await waitFor(() => clients.every(({ replica }) => replica.revision === last), 60_000, "every JS replica converged");
   const cpu = process.cpuUsage(cpuBefore);
+  const statsAfter = (await writer.hubStatus()).stats;
+  const perWrite = (key) => Math.round((statsAfter[key] - statsBefore[key]) / WRITES);
 
   const newerOrEqual = (a, b) => a.length > b.length || (a.length === b.length && a >= b);
   const latencies = writes
@@ -70,6 +75,9 @@ try {
     p99_ms: round(at(0.99)),
     max_ms: round(at(1)),
     client_cpu_ms_per_write: round((cpu.user + cpu.system) / 1000 / WRITES),
+    deltas: DELTAS,
+    hub_bytes_out_per_write: perWrite("bytesSent"),
+    deltas_per_write: perWrite("snapshotsAsDeltas"),
   };
   for (const { client } of clients) client.close();
   writer.close();
@@ -77,6 +85,7 @@ try {
   const { stdout } = await promisify(execFile)(process.env.STATESYNC_BIN, [
     "bench", "--url", hub.url, "--clients", String(CLIENTS), "--writes", String(WRITES),
     "--rate", String(RATE), "--payload-bytes", String(PAYLOAD), "--topic", "statesync-bench:rust", "--json",
+    ...(DELTAS ? [] : ["--no-deltas"]),
   ]);
   const rust = { client: "Rust (statesync bench)", ...JSON.parse(stdout) };
   console.log(JSON.stringify(js));

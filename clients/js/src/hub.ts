@@ -15,7 +15,8 @@ import {
   type ServerMessage,
   type Snapshot,
 } from "./protocol.js";
-import { isRevision } from "./revision.js";
+import { applyDelta, rawMember, utf8, type BaseText } from "./delta.js";
+import { isNewer, isRevision } from "./revision.js";
 import { Replica, type ReplicaOptions } from "./replica.js";
 
 /**
@@ -64,6 +65,14 @@ export interface HubOptions {
   /** How often to ping; the hub closes connections silent for 60 s (default 15 s). */
   pingIntervalMs?: number;
   reconnect?: ReconnectOptions;
+  /**
+   * Ask for changed snapshots as deltas to the last one this connection was
+   * given, on subscriptions with inline snapshots (default `true`): a few
+   * changed places of a large document travel instead of all of it. The
+   * client keeps that last snapshot's text per topic to apply them to, and
+   * fetches whenever one does not apply.
+   */
+  deltas?: boolean;
   /** Told of problems that do not fail a request: bad frames from the hub, lost connections. */
   onError?: (error: HubError) => void;
 }
@@ -164,6 +173,8 @@ export class Hub implements HubClient {
   #timers = new Set<ReturnType<typeof setTimeout>>();
   #pingTimer: ReturnType<typeof setInterval> | undefined;
   #everLive = false;
+  /** Per topic with deltas: the newest snapshot this connection was given, as sent. */
+  #bases = new Map<string, BaseText>();
 
   constructor(options: HubOptions) {
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
@@ -180,6 +191,7 @@ export class Hub implements HubClient {
       WebSocket: WebSocketImpl,
       requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
       pingIntervalMs: options.pingIntervalMs ?? 15_000,
+      deltas: options.deltas ?? true,
       onError: options.onError,
     };
     this.#reconnect = {
@@ -242,6 +254,7 @@ export class Hub implements HubClient {
       const current = this.#topics.get(topic);
       if (!current?.handlers.delete(key) || current.handlers.size > 0) return;
       this.#topics.delete(topic);
+      this.#bases.delete(topic);
       if (this.#status === "live") {
         await this.#request({ type: "unsubscribe", topic }).catch(() => undefined);
       }
@@ -249,7 +262,7 @@ export class Hub implements HubClient {
     try {
       // Subscribing again is harmless and answers the current revision.
       entry.inline = entry.inline || inline;
-      const answer = await this.#request({ type: "subscribe", topic, inline: entry.inline });
+      const answer = await this.#request(this.#subscription(topic, entry));
       if (answer.type !== "subscribed") throw unexpected(answer);
       return { revision: answer.revision, unsubscribe };
     } catch (error) {
@@ -285,6 +298,8 @@ export class Hub implements HubClient {
       return;
     }
     this.#socket = socket;
+    // Bases belong to a connection: the hub's record of them starts anew.
+    this.#bases.clear();
     let welcomed = false;
     const handshake = this.#later(() => {
       if (!welcomed) {
@@ -305,6 +320,7 @@ export class Hub implements HubClient {
       if (this.#socket !== socket) return;
       const message = this.#decode(event.data);
       if (!message) return;
+      const text = event.data as string;
       if (!welcomed) {
         if (message.type === "welcome") {
           welcomed = true;
@@ -315,7 +331,7 @@ export class Hub implements HubClient {
         }
         return;
       }
-      this.#dispatch(message);
+      this.#dispatch(message, text);
     };
     // Some WebSocket implementations (Node 20's) fire only `error` when the
     // connection cannot be made: either event ends this socket, once.
@@ -350,7 +366,7 @@ export class Hub implements HubClient {
     this.#startPing();
     // Resubscribe; after a reconnect, tell every handler where the topic is now.
     for (const [topic, entry] of this.#topics) {
-      this.#request({ type: "subscribe", topic, inline: entry.inline })
+      this.#request(this.#subscription(topic, entry))
         .then((answer) => {
           if (answer.type !== "subscribed") throw unexpected(answer);
           if (catchUp) this.#deliver({ topic, revision: answer.revision });
@@ -518,17 +534,18 @@ export class Hub implements HubClient {
     return message as ServerMessage;
   }
 
-  #dispatch(message: ServerMessage): void {
+  /** `text`: the frame `message` was parsed from. */
+  #dispatch(message: ServerMessage, text: string): void {
     switch (message.type) {
       case "invalidation": {
         if (typeof message.topic !== "string" || !isRevision(message.revision)) {
           this.#report(new ProtocolError(`malformed invalidation: ${JSON.stringify(message).slice(0, 80)}`));
           return;
         }
-        const snapshot = message.snapshot && isRevision(message.snapshot.revision) ? message.snapshot : undefined;
         const invalidation: Invalidation = { topic: message.topic, revision: message.revision };
         if (message.sourceId !== undefined) invalidation.sourceId = message.sourceId;
-        if (snapshot) invalidation.snapshot = { revision: snapshot.revision, data: snapshot.data };
+        const snapshot = this.#carried(message, text);
+        if (snapshot) invalidation.snapshot = snapshot;
         this.#deliver(invalidation);
         return;
       }
@@ -542,8 +559,11 @@ export class Hub implements HubClient {
         }
         this.#answer(message.id, message);
         return;
-      case "subscribed":
       case "snapshot":
+        if (isRevision(message.revision)) this.#keepBase(message.topic, message.revision, () => rawMember(text, ["data"]));
+        this.#answer(message.id, message);
+        return;
+      case "subscribed":
       case "notModified":
       case "ok":
       case "conflict":
@@ -563,6 +583,51 @@ export class Hub implements HubClient {
     clearTimeout(pending.timer);
     if (message.type === "error") pending.reject(new HubError(message.code, message.message));
     else pending.resolve(message);
+  }
+
+  /** What `subscribe` sends for `topic`. */
+  #subscription(topic: string, entry: TopicSubscription): Record<string, unknown> {
+    const message: Record<string, unknown> = { type: "subscribe", topic, inline: entry.inline };
+    if (entry.inline && this.#options.deltas) message.delta = true;
+    return message;
+  }
+
+  /**
+   * The snapshot an invalidation carries, whole or as a delta to the kept
+   * base; kept as the next base. `undefined`: none, or a delta that does
+   * not apply here (the handlers fetch).
+   */
+  #carried(message: Extract<ServerMessage, { type: "invalidation" }>, text: string): Snapshot | undefined {
+    const { topic, snapshot, delta } = message;
+    if (snapshot && isRevision(snapshot.revision)) {
+      this.#keepBase(topic, snapshot.revision, () => rawMember(text, ["snapshot", "data"]));
+      return { revision: snapshot.revision, data: snapshot.data };
+    }
+    if (typeof delta !== "object" || delta === null) return undefined;
+    const { base, revision } = delta as { base?: unknown; revision?: unknown };
+    const kept = this.#bases.get(topic);
+    if (!isRevision(base) || !isRevision(revision) || kept?.revision !== base) return undefined;
+    const changed = applyDelta(kept.bytes, delta);
+    let data: unknown;
+    try {
+      data = changed === undefined ? undefined : JSON.parse(changed);
+    } catch {
+      data = undefined;
+    }
+    if (changed === undefined || data === undefined) {
+      this.#report(new ProtocolError(`a delta of ${topic} to ${revision} does not apply to its base ${base}; fetching`));
+      return undefined;
+    }
+    this.#keepBase(topic, revision, () => changed);
+    return { revision, data };
+  }
+
+  /** Keeps `topic`'s snapshot text at `revision` as the base of deltas, if newer. */
+  #keepBase(topic: string, revision: string, text: () => string | undefined): void {
+    const entry = this.#topics.get(topic);
+    if (!entry?.inline || !this.#options.deltas || !isNewer(revision, this.#bases.get(topic)?.revision)) return;
+    const raw = text();
+    if (raw !== undefined) this.#bases.set(topic, { revision, bytes: utf8(raw) });
   }
 
   #deliver(invalidation: Invalidation): void {

@@ -20,6 +20,20 @@ export interface Invalidation extends InvalidationEvent {
   snapshot?: Snapshot;
 }
 
+/**
+ * A snapshot as splices of the JSON text at `base`: each `[at, removed,
+ * inserted]` replaces `removed` bytes of UTF-8 from offset `at`. The new
+ * text has `len` bytes, the base `baseLen`. The client turns it into a
+ * whole snapshot before handlers see it.
+ */
+export interface SnapshotDelta {
+  base: string;
+  revision: string;
+  splices: [number, number, string][];
+  len: number;
+  baseLen: number;
+}
+
 /** The answer to a conditional `get` when the topic is not newer. */
 export interface NotModified {
   notModified: true;
@@ -48,7 +62,7 @@ export interface HubStatus {
 
 export type ServerMessage =
   | { type: "welcome"; version: number; serverId: string }
-  | { type: "invalidation"; topic: string; revision: string; sourceId?: string; snapshot?: Snapshot }
+  | { type: "invalidation"; topic: string; revision: string; sourceId?: string; snapshot?: Snapshot; delta?: SnapshotDelta }
   | { type: "subscribed"; id: number; topic: string; revision: string }
   | { type: "snapshot"; id: number; topic: string; revision: string; data: unknown }
   | { type: "notModified"; id: number; topic: string; revision: string }

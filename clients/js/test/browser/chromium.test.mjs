@@ -1,7 +1,8 @@
 // The package in a real Chromium (Debian's `chromium`, driven by
 // playwright-core): tabs of one origin sharing one hub connection, another
 // origin on its own, a hub killed mid-stream, the shared connection handed
-// over when its tab closes, a refused token, and the hub's live view.
+// over when its tab closes, a large document arriving as deltas, a refused
+// token, and the hub's live view.
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { createServer } from "node:http";
@@ -135,6 +136,32 @@ describe("in Chromium", { skip: process.env.STATESYNC_SKIP_BROWSER_TESTS === "1"
       const s = await state(other);
       assert.equal(s.data, 40);
       assertIncreasing(s.applied);
+    } finally {
+      await context.close();
+    }
+  });
+
+  test("a large document reaches the tabs as deltas of the one before", async () => {
+    const doc = (seq) => ({ seq, note: `é ${seq}`, items: Array.from({ length: 300 }, (_, i) => `item ${i}`) });
+    const deltasSent = async () => JSON.parse((await hub.cli("status", "--json")).stdout).stats.snapshotsAsDeltas;
+    await hub.set("doc", doc(0));
+    const context = await browser.newContext();
+    try {
+      const tabs = [await openTab(context, siteA, hub), await openTab(context, siteA, hub)];
+      for (const tab of tabs) assert.ok(!(await tab.page.evaluate(() => window.follow("doc"))).startsWith("error"));
+      const followed = (tab) => tab.page.evaluate(() => window.followed("doc"));
+      const before = await deltasSent();
+      for (let seq = 1; seq <= 5; seq++) {
+        const revision = await hub.set("doc", doc(seq));
+        await waitFor(
+          async () => (await Promise.all(tabs.map(followed))).every((s) => s.revision === revision),
+          20_000,
+          `every tab at write ${seq}`,
+        );
+      }
+      for (const tab of tabs) assert.deepEqual((await followed(tab)).data, doc(5));
+      // One shared connection: every write after the first reached it as a delta.
+      assert.ok((await deltasSent()) - before >= 4, "deltas were sent");
     } finally {
       await context.close();
     }
