@@ -108,6 +108,19 @@ pub(crate) fn invalidation_coalesced() {
     metrics::counter!("statesync_invalidations_coalesced_total").increment(1);
 }
 
+/// A delta was computed in `took`; `too_large` when it was not sent.
+pub(crate) fn delta_computed(took: Duration, too_large: bool) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::histogram!("statesync_delta_duration_seconds").record(took.as_secs_f64());
+        if too_large {
+            metrics::counter!("statesync_deltas_too_large_total").increment(1);
+        }
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (took, too_large);
+}
+
 /// A snapshot was sent in answer to `get`.
 pub(crate) fn snapshot_sent() {
     #[cfg(feature = "metrics")]

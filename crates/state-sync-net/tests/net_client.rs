@@ -377,17 +377,24 @@ async fn large_documents_travel_as_deltas_and_every_replica_converges_on_the_sam
         (
             after.snapshots_as_deltas - before.snapshots_as_deltas,
             (after.bytes_sent - before.bytes_sent) / 30,
+            after.deltas_too_large - before.deltas_too_large,
         )
     };
-    let (deltas, per_write) = write(false).await;
+    let (deltas, per_write, too_large) = write(false).await;
     // The first push after subscribing starts from what the replica
     // fetched; then each write is one delta, to the one replica that asked.
     assert!((25..=30).contains(&deltas), "{deltas} deltas");
+    assert_eq!(too_large, 0);
     // The pulling replica fetches 40 KB per write; the delta costs ~200 B.
     assert!(per_write < 2 * 41_000, "{per_write} bytes per write");
     // The whole document changes: no delta pays, and nothing is lost.
-    let (deltas, _) = write(true).await;
+    let (deltas, _, too_large) = write(true).await;
     assert!(deltas <= 1, "{deltas} deltas");
+    // Computed, and refused for its size: the cost the counters show.
+    assert!(too_large >= 25, "{too_large} deltas too large");
+    let stats = server.stats();
+    assert!(stats.deltas_computed >= 50, "{stats:?}");
+    assert!(stats.delta_micros > 0, "{stats:?}");
     server.shutdown().await;
 }
 

@@ -360,6 +360,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     let snapshot_bytes = per_write_of(|s| s.snapshot_bytes_sent + s.snapshot_bytes_inlined);
     let bytes_out = per_write_of(|s| s.bytes_sent);
     let deltas = per_write_of(|s| s.snapshots_as_deltas);
+    let delta_micros = per_write_of(|s| s.delta_micros);
     // A temporary hub runs in this process: its CPU is in the client's.
     let hub_cpu = stats_before
         .as_ref()
@@ -388,6 +389,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "hub_snapshot_bytes_per_write": snapshot_bytes,
         "hub_bytes_out_per_write": bytes_out,
         "deltas_per_write": deltas,
+        "hub_delta_us_per_write": delta_micros,
     }))
 }
 

@@ -114,6 +114,20 @@ impl Connection {
     }
 }
 
+impl Counters {
+    /// Counts a delta computed in `took`, and whether it was too large to
+    /// send.
+    fn delta_computed(&self, took: Duration, too_large: bool) {
+        self.deltas_computed.fetch_add(1, Ordering::Relaxed);
+        if too_large {
+            self.deltas_too_large.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.delta_micros.fetch_add(micros, Ordering::Relaxed);
+        crate::metrics::delta_computed(took, too_large);
+    }
+}
+
 /// The client keeps the newest snapshot it was given: so does this record.
 fn record(delivered: &mut TopicMap<Revision>, topic: Topic, revision: Revision) {
     let at = delivered.entry(topic).or_insert(revision);
@@ -223,10 +237,12 @@ impl Shared {
                     .and_then(|(s, (at, old))| {
                         let old = std::str::from_utf8(old).ok()?;
                         let new = std::str::from_utf8(&s.data).ok()?;
+                        let started = std::time::Instant::now();
                         let delta = protocol::SnapshotDelta::between(*at, old, s.revision, new);
-                        if delta.wire_len() * DELTA_MAX_SHARE > new.len()
-                            || delta.wire_len() > inline_max
-                        {
+                        let too_large = delta.wire_len() * DELTA_MAX_SHARE > new.len()
+                            || delta.wire_len() > inline_max;
+                        counters.delta_computed(started.elapsed(), too_large);
+                        if too_large {
                             return None;
                         }
                         counters

@@ -181,6 +181,15 @@ pub struct ServerStats {
     /// Snapshots written inside invalidations as deltas (included in
     /// `snapshots_inlined`).
     pub snapshots_as_deltas: u64,
+    /// Deltas computed: one per revision and topic while some connection
+    /// asks for deltas on the topic.
+    pub deltas_computed: u64,
+    /// Deltas computed and then not sent, as larger than half the document
+    /// or than the inline limit (a document rewritten all over).
+    pub deltas_too_large: u64,
+    /// Time spent computing deltas, in microseconds: inside the
+    /// announcement of each revision, bounded per delta.
+    pub delta_micros: u64,
     /// Bytes of every frame written to clients (answers, invalidations,
     /// errors), before transport framing.
     pub bytes_sent: u64,
@@ -265,6 +274,9 @@ struct Counters {
     snapshots_inlined: AtomicU64,
     snapshot_bytes_inlined: AtomicU64,
     snapshots_as_deltas: AtomicU64,
+    deltas_computed: AtomicU64,
+    deltas_too_large: AtomicU64,
+    delta_micros: AtomicU64,
     bytes_sent: AtomicU64,
     writes: AtomicU64,
     connections_refused: AtomicU64,
@@ -393,6 +405,9 @@ impl Shared {
             snapshots_inlined: c.snapshots_inlined.load(Ordering::Relaxed),
             snapshot_bytes_inlined: c.snapshot_bytes_inlined.load(Ordering::Relaxed),
             snapshots_as_deltas: c.snapshots_as_deltas.load(Ordering::Relaxed),
+            deltas_computed: c.deltas_computed.load(Ordering::Relaxed),
+            deltas_too_large: c.deltas_too_large.load(Ordering::Relaxed),
+            delta_micros: c.delta_micros.load(Ordering::Relaxed),
             bytes_sent: c.bytes_sent.load(Ordering::Relaxed),
             writes: c.writes.load(Ordering::Relaxed),
             queued_bytes: self
