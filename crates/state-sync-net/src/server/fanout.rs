@@ -147,6 +147,44 @@ pub(super) type Members = Arc<Mutex<HashMap<u64, Member>>>;
 /// A delta is sent only when it is at most this fraction of the snapshot.
 const DELTA_MAX_SHARE: usize = 2;
 
+/// After this many deltas in a row too large to send, as many revisions
+/// are announced without trying one, at most.
+const MAX_DELTA_SKIP: u32 = 8;
+
+/// What the next delta of a topic starts from: the last snapshot announced
+/// while some member asks for deltas. A document rewritten all over makes
+/// every diff run to its deadline for nothing, so after deltas that were
+/// too large the next revisions skip the diff, one more each time in a
+/// row (up to [`MAX_DELTA_SKIP`]), until one pays again.
+#[derive(Default)]
+struct DeltaBase {
+    last: Option<(Revision, Bytes)>,
+    too_large_in_a_row: u32,
+    skip: u32,
+}
+
+impl DeltaBase {
+    /// Keeps `current` as the next base; returns the previous one if a
+    /// delta from it is to be tried.
+    fn advance(&mut self, current: (Revision, &Bytes)) -> Option<(Revision, Bytes)> {
+        let previous = self.last.replace((current.0, current.1.clone()));
+        if self.skip > 0 {
+            self.skip -= 1;
+            return None;
+        }
+        previous.filter(|(at, _)| *at < current.0)
+    }
+
+    fn tried(&mut self, too_large: bool) {
+        if too_large {
+            self.too_large_in_a_row = (self.too_large_in_a_row + 1).min(MAX_DELTA_SKIP);
+            self.skip = self.too_large_in_a_row;
+        } else {
+            self.too_large_in_a_row = 0;
+        }
+    }
+}
+
 /// The server's subscription to one topic: each invalidation is encoded
 /// once and its frame handed to every connection subscribed to the topic.
 pub(super) struct Fanout {
@@ -176,9 +214,7 @@ impl Shared {
                 .config
                 .inline_snapshot_max_bytes
                 .min(self.config.max_snapshot_bytes);
-            // The last snapshot announced while some member asks for
-            // deltas: the next delta starts from it.
-            let last: Mutex<Option<(Revision, Bytes)>> = Mutex::new(None);
+            let delta_base: Mutex<DeltaBase> = Mutex::default();
             InvalidationSink::from_fn(topic.clone(), move |event| {
                 let source_id = event.source_id.as_deref();
                 let plain = || Pending {
@@ -221,14 +257,13 @@ impl Shared {
                 // only while someone asks.
                 let wants_delta = lock(&members).values().any(|m| m.inline && m.delta);
                 let base = {
-                    let mut last = lock(&last);
-                    let previous = last.take();
+                    let mut delta_base = lock(&delta_base);
                     match &current {
-                        Some(s) if wants_delta => {
-                            *last = Some((s.revision, s.data.clone()));
-                            previous.filter(|(at, _)| *at < s.revision)
+                        Some(s) if wants_delta => delta_base.advance((s.revision, &s.data)),
+                        _ => {
+                            delta_base.last = None;
+                            None
                         }
-                        _ => None,
                     }
                 };
                 let delta = current
@@ -242,6 +277,7 @@ impl Shared {
                         let too_large = delta.wire_len() * DELTA_MAX_SHARE > new.len()
                             || delta.wire_len() > inline_max;
                         counters.delta_computed(started.elapsed(), too_large);
+                        lock(&delta_base).tried(too_large);
                         if too_large {
                             return None;
                         }
