@@ -74,20 +74,21 @@ function isLength(value: unknown): value is number {
 }
 
 /**
- * The text of the value at `path` (member names, outermost first) in the
- * JSON object `text`, exactly as written; `undefined` if there is none.
- * `text` must be valid JSON (it was parsed already).
+ * The text of the value at `path` (member names, outermost first, at least
+ * one) in the JSON object `text`, exactly as written; `undefined` if there
+ * is none. `text` must be valid JSON (it was parsed already). Only the
+ * members before each one on the path are scanned.
  */
 export function rawMember(text: string, path: readonly string[]): string | undefined {
-  let start = skipSpace(text, 0);
-  let end = valueEnd(text, start);
+  let span: [number, number] | undefined;
+  let open = skipSpace(text, 0);
   for (const name of path) {
-    if (text[start] !== "{") return undefined;
-    const member = findMember(text, start, name);
-    if (!member) return undefined;
-    [start, end] = member;
+    if (text[open] !== "{") return undefined;
+    span = findMember(text, open, name);
+    if (!span) return undefined;
+    open = span[0];
   }
-  return text.slice(start, end);
+  return span && text.slice(span[0], span[1]);
 }
 
 /** The span of member `name`'s value in the object that opens at `open`. */
