@@ -62,7 +62,9 @@ impl Throttle {
     }
 }
 
+/// The pacing a refresh reads first (see `Engine`).
 #[derive(Clone, Default)]
+#[repr(C)]
 pub(super) struct Options {
     pub(super) debounce: Option<Duration>,
     pub(super) throttle: Option<Throttle>,

@@ -20,15 +20,15 @@ pub(super) struct Gate {
     /// `wait_for_revision` calls in progress: an apply wakes waiters only
     /// when there are some (the `Notify` takes a lock).
     pub(super) waiters: AtomicUsize,
-    /// The engine, set once it is built.
-    pub(super) engine: OnceLock<Weak<dyn EngineEvents>>,
+    pub(super) should_refresh: Option<ShouldRefresh>,
+    pub(super) debounce: Option<Duration>,
+    pub(super) topic: Topic,
     /// The handle's lifecycle and pending refresh: here, beside the gate,
     /// so a fresh event is queued without reaching the engine (no
     /// reference count taken, one cache line fewer per event).
     pub(super) state: Mutex<State>,
-    pub(super) topic: Topic,
-    pub(super) debounce: Option<Duration>,
-    pub(super) should_refresh: Option<ShouldRefresh>,
+    /// The engine, set once it is built; reached only for reports.
+    pub(super) engine: OnceLock<Weak<dyn EngineEvents>>,
 }
 
 impl Gate {

@@ -102,27 +102,29 @@ impl Pending {
     }
 }
 
+/// What every event and refresh reads comes first (see [`Gate`]).
 #[derive(Default)]
+#[repr(C)]
 struct State {
     lifecycle: Lifecycle,
-    subscription: Option<Subscription>,
-    pending: Option<Pending>,
     worker_running: bool,
+    pending: Option<Pending>,
     debounce_until: Option<Instant>,
     throttle_window_start: Option<Instant>,
+    subscription: Option<Subscription>,
 }
 
 /// In declaration order, what every refresh touches first (see [`Gate`]).
 #[repr(C)]
 struct Engine<S, P: Provider, A> {
     gate: Arc<Gate>,
+    provider: P,
+    applier: A,
     /// One fetch-and-apply at a time; `stop` takes a turn to wait out a
     /// running apply.
     turn: futures::lock::Mutex<()>,
-    provider: P,
-    applier: A,
-    metrics: ReplicaMetrics,
     options: Options,
+    metrics: ReplicaMetrics,
     subscriber: S,
     progress: watch::Sender<Status>,
     /// Wakes `wait_for_revision` callers after each apply and at stop.
