@@ -7,22 +7,24 @@ use super::*;
 /// The part of a handle that every delivered event touches: the revision
 /// check (atomic loads, no lock), then for a fresh event the pending slot.
 ///
-/// In declaration order, what every event and refresh touches first, so
-/// it shares as few cache lines as it can: a fan-out to many handles
-/// misses the cache on each.
-#[repr(C)]
+/// In declaration order, what every event and refresh touches, in three
+/// cache lines: a fan-out to many handles misses the cache on each. The
+/// first holds what every event reads; the second what wakes the worker
+/// and guards the state; the state's first fields (lifecycle, the pending
+/// slot) fill the third.
+#[repr(C, align(64))]
 pub(super) struct Gate {
     pub(super) local: AtomicU64,
     pub(super) applied: AtomicBool,
     pub(super) closed: AtomicBool,
-    /// Wakes the handle's parked worker task to drain the pending slot.
-    pub(super) wake_worker: WorkerWake,
+    pub(super) topic: Topic,
+    pub(super) should_refresh: Option<ShouldRefresh>,
     /// `wait_for_revision` calls in progress: an apply wakes waiters only
     /// when there are some (the `Notify` takes a lock).
     pub(super) waiters: AtomicUsize,
-    pub(super) should_refresh: Option<ShouldRefresh>,
+    /// Wakes the handle's parked worker task to drain the pending slot.
+    pub(super) wake_worker: WorkerWake,
     pub(super) debounce: Option<Duration>,
-    pub(super) topic: Topic,
     /// The handle's lifecycle and pending refresh: here, beside the gate,
     /// so a fresh event is queued without reaching the engine (no
     /// reference count taken, one cache line fewer per event).
@@ -79,11 +81,11 @@ impl Gate {
                 }
             }
         }
-        self.request(Some(event.clone()), false);
+        self.request(Some(event), false);
     }
 
     /// Records a wanted refresh and wakes the worker to run it.
-    pub(super) fn request(&self, event: Option<InvalidationEvent>, forced: bool) {
+    pub(super) fn request(&self, event: Option<&InvalidationEvent>, forced: bool) {
         let wake = {
             let mut st = self.lock();
             if st.lifecycle == Lifecycle::Stopped {

@@ -87,18 +87,40 @@ enum Lifecycle {
 /// (reconnect, re-entrant `refresh`) that ignores the gate.
 #[derive(Default)]
 struct Pending {
-    event: Option<InvalidationEvent>,
+    event: Option<PendingEvent>,
     forced: bool,
 }
 
+/// An event in the pending slot, without its topic (the handle's own):
+/// 40 bytes instead of 72, so the slot shares the gate's cache lines.
+struct PendingEvent {
+    revision: Revision,
+    timestamp_ms: Option<u64>,
+    source_id: Option<Box<str>>,
+}
+
 impl Pending {
-    fn merge(&mut self, event: Option<InvalidationEvent>, forced: bool) {
+    fn merge(&mut self, event: Option<&InvalidationEvent>, forced: bool) {
         self.forced |= forced;
         if let Some(e) = event
             && self.event.as_ref().is_none_or(|p| e.revision >= p.revision)
         {
-            self.event = Some(e);
+            self.event = Some(PendingEvent {
+                revision: e.revision,
+                timestamp_ms: e.timestamp_ms,
+                source_id: e.source_id.as_deref().map(Box::from),
+            });
         }
+    }
+
+    /// The event that asked for this refresh, if any.
+    fn cause(&mut self, topic: &Topic) -> Option<InvalidationEvent> {
+        self.event.take().map(|e| InvalidationEvent {
+            topic: topic.clone(),
+            revision: e.revision,
+            source_id: e.source_id.map(String::from),
+            timestamp_ms: e.timestamp_ms,
+        })
     }
 }
 
@@ -284,10 +306,10 @@ where
                     // Dropping inside a window is the configured
                     // behaviour; dropping everything is a misconfiguration.
                     let misconfigured = !throttle.leading && !throttle.trailing;
-                    if let Some(p) = dropped.filter(|_| misconfigured) {
+                    if let Some(mut p) = dropped.filter(|_| misconfigured) {
                         self.fail(
                             Phase::Throttle,
-                            self.context(p.event.as_ref()),
+                            self.context(p.cause(&self.gate.topic).as_ref()),
                             "invalidation dropped: throttle has both edges disabled",
                         );
                     }
@@ -315,17 +337,16 @@ where
     }
 
     /// Runs a pending refresh, unless its event went stale meanwhile.
-    async fn refresh_pending(&self, pending: Pending) {
+    async fn refresh_pending(&self, mut pending: Pending) {
         if !pending.forced
             && let Some(e) = &pending.event
             && self.gate.is_stale(e.revision)
         {
             return;
         }
+        let cause = pending.cause(&self.gate.topic);
         // Errors were reported; the engine keeps running.
-        let _ = self
-            .refresh_turn(pending.event.as_ref(), pending.forced)
-            .await;
+        let _ = self.refresh_turn(cause.as_ref(), pending.forced).await;
     }
 
     fn worker_exit(&self) {
