@@ -17,10 +17,19 @@
 //!   event-passing design pays, measured in the same run for comparison;
 //! - `baseline_spawn_watch`: per handle and update, one spawned task that
 //!   sends on a `watch` channel, awaited — the floor of fan-out through one
-//!   Tokio task per replica, measured in the same run.
+//!   Tokio task per replica, measured in the same run;
+//! - `baseline_parked_wake`: one parked task per handle, woken through a
+//!   flag and an `AtomicWaker`, that stores the revision and wakes its
+//!   waiter — the floor of the engine's own design, with nothing of a
+//!   refresh in it.
+//!
+//! `engine_bench fanout_only N` runs only the engine's fan-out, on one
+//! thread, with `N` updates: for instruction and cache-miss counts, where
+//! the difference between runs with two values of `N` (under
+//! `valgrind --tool=cachegrind`) is the cost of the updates alone.
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -165,8 +174,31 @@ async fn burst() -> Result<(), BoxError> {
 }
 
 async fn fanout(runtime: &str) -> Result<(), BoxError> {
-    const HANDLES: usize = 10_000;
     const UPDATES: u64 = 20;
+    let (per, bytes_per_handle) = engine_fanout(UPDATES).await?;
+    println!(
+        r#"{{"workload":"fanout","runtime":"{runtime}","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
+    );
+    // Measured after the engine's run so they do not skew its memory figure.
+    let baseline = spawn_watch_baseline().await?;
+    println!(
+        r#"{{"workload":"baseline_spawn_watch","runtime":"{runtime}","us_per_update_per_handle":{baseline:.3},"ratio_fanout_to_baseline":{:.2}}}"#,
+        per / baseline
+    );
+    let floor = parked_wake_baseline().await;
+    println!(
+        r#"{{"workload":"baseline_parked_wake","runtime":"{runtime}","us_per_update_per_handle":{floor:.3},"ratio_fanout_to_baseline":{:.2}}}"#,
+        per / floor
+    );
+    Ok(())
+}
+
+const HANDLES: usize = 10_000;
+
+/// 10 000 started handles on one source, `updates` updates each awaited
+/// on all. Returns µs per handle per update, and resident bytes per idle
+/// handle.
+async fn engine_fanout(updates: u64) -> Result<(f64, f64), BoxError> {
     let topic = Topic::new("bench")?;
     let source = MemorySource::new(topic.clone(), 0u64);
 
@@ -186,27 +218,90 @@ async fn fanout(runtime: &str) -> Result<(), BoxError> {
     let bytes_per_handle = rss_bytes().saturating_sub(rss_before) as f64 / HANDLES as f64;
 
     let t = Instant::now();
-    for i in 1..=UPDATES {
+    for i in 1..=updates {
         let r = source.publish(i);
         for h in &handles {
             h.wait_for_revision(r).await?;
         }
     }
-    let per = t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * UPDATES as f64);
-    println!(
-        r#"{{"workload":"fanout","runtime":"{runtime}","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
-    );
+    let per = t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * updates.max(1) as f64);
     for h in &handles {
         h.stop().await;
     }
-    drop(handles);
-    // Measured after the engine's run so it does not skew its memory figure.
-    let baseline = spawn_watch_baseline().await?;
-    println!(
-        r#"{{"workload":"baseline_spawn_watch","runtime":"{runtime}","us_per_update_per_handle":{baseline:.3},"ratio_fanout_to_baseline":{:.2}}}"#,
-        per / baseline
-    );
-    Ok(())
+    Ok((per, bytes_per_handle))
+}
+
+/// One parked task per handle, as the engine has: woken through a flag
+/// and an `AtomicWaker`, it stores the published revision and wakes the
+/// waiter, if any. Returns µs per handle per update.
+async fn parked_wake_baseline() -> f64 {
+    const UPDATES: u64 = 20;
+    #[derive(Default)]
+    struct Slot {
+        woken: AtomicBool,
+        waker: futures::task::AtomicWaker,
+        revision: AtomicU64,
+        waiters: AtomicUsize,
+        applied: tokio::sync::Notify,
+    }
+    let source = Arc::new(AtomicU64::new(0));
+    let slots: Vec<Arc<Slot>> = (0..HANDLES).map(|_| Arc::default()).collect();
+    let tasks: Vec<_> = slots
+        .iter()
+        .map(|slot| {
+            let (slot, source) = (slot.clone(), source.clone());
+            tokio::spawn(async move {
+                loop {
+                    std::future::poll_fn(|cx| {
+                        if slot.woken.swap(false, Ordering::AcqRel) {
+                            return std::task::Poll::Ready(());
+                        }
+                        slot.waker.register(cx.waker());
+                        if slot.woken.swap(false, Ordering::AcqRel) {
+                            std::task::Poll::Ready(())
+                        } else {
+                            std::task::Poll::Pending
+                        }
+                    })
+                    .await;
+                    slot.revision
+                        .store(source.load(Ordering::Acquire), Ordering::Release);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if slot.waiters.load(Ordering::SeqCst) > 0 {
+                        slot.applied.notify_waiters();
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let t = Instant::now();
+    for update in 1..=UPDATES {
+        source.store(update, Ordering::Release);
+        for slot in &slots {
+            slot.woken.store(true, Ordering::Release);
+            slot.waker.wake();
+        }
+        for slot in &slots {
+            loop {
+                let applied = slot.applied.notified();
+                slot.waiters.fetch_add(1, Ordering::SeqCst);
+                let done = slot.revision.load(Ordering::Acquire) >= update;
+                if !done {
+                    applied.await;
+                }
+                slot.waiters.fetch_sub(1, Ordering::SeqCst);
+                if done {
+                    break;
+                }
+            }
+        }
+    }
+    let per = t.elapsed().as_nanos() as f64 / 1e3 / (HANDLES as f64 * UPDATES as f64);
+    for task in tasks {
+        task.abort();
+    }
+    per
 }
 
 /// The fan-out floor: one task spawn and one `watch` send per handle and
@@ -236,6 +331,20 @@ fn main() -> Result<(), BoxError> {
     // `engine_bench burst|stale` only the burst or the stale storm, 20 times
     // (for profiling).
     let only = std::env::args().nth(1);
+    if only.as_deref() == Some("fanout_only") {
+        let updates = std::env::args()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .ok_or("usage: engine_bench fanout_only <updates>")?;
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let (per, _) = engine_fanout(updates).await?;
+                println!(r#"{{"workload":"fanout","updates":{updates},"us_per_update_per_handle":{per:.3}}}"#);
+                Ok(())
+            });
+    }
     if only.as_deref() == Some("stale") {
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
