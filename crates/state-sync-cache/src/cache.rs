@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use state_sync::{Applier, Backoff, BoxError, RetryPolicy, Revision, SnapshotEnvelope, Topic};
+use state_sync::{
+    AppliedNow, Applier, Backoff, BoxError, RetryPolicy, Revision, SnapshotEnvelope, Topic,
+};
 use state_sync_storage::{AnyStorage, Record, Storage};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -750,6 +752,17 @@ where
         self.inner.apply(snapshot.clone()).await?;
         self.cache.stage(snapshot);
         Ok(())
+    }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        match self.inner.apply_now(snapshot.clone()) {
+            AppliedNow::Done(Ok(())) => {
+                self.cache.stage(snapshot);
+                AppliedNow::Done(Ok(()))
+            }
+            AppliedNow::Done(Err(error)) => AppliedNow::Done(Err(error)),
+            AppliedNow::Later(_) => AppliedNow::Later(snapshot),
+        }
     }
 }
 

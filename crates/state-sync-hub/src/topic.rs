@@ -856,15 +856,22 @@ impl<T: TopicValue> Provider for HubTopic<T> {
         request: &FetchRequest,
     ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
         let fetched = self.core.source.fetch(request);
-        async move {
-            Ok(match fetched.await? {
-                Fetched::Snapshot(envelope) => Fetched::Snapshot(SnapshotEnvelope::new(
-                    envelope.revision,
-                    T::clone(&envelope.data.value),
-                )),
-                Fetched::NotModified { revision } => Fetched::NotModified { revision },
-            })
-        }
+        async move { Ok(value_of(fetched.await?)) }
+    }
+
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<T>> {
+        self.core.source.fetch_now(request).map(value_of)
+    }
+}
+
+/// A stored snapshot as the value it holds.
+fn value_of<T: TopicValue>(fetched: Fetched<Shared<T>>) -> Fetched<T> {
+    match fetched {
+        Fetched::Snapshot(envelope) => Fetched::Snapshot(SnapshotEnvelope::new(
+            envelope.revision,
+            T::clone(&envelope.data.value),
+        )),
+        Fetched::NotModified { revision } => Fetched::NotModified { revision },
     }
 }
 

@@ -815,19 +815,37 @@ impl<T: DeserializeOwned + Send + Sync + 'static> Provider for RemoteTopic<T> {
                 ),
                 other => FetchError::unavailable(other),
             })?;
-            Ok(match fetched {
-                Fetched::Snapshot(snapshot) => {
-                    let data = crate::protocol::from_json(&snapshot.data).map_err(|e| {
-                        FetchError::Protocol(
-                            ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
-                                .with_topic(request.topic.clone())
-                                .with_raw_bytes(&snapshot.data),
-                        )
-                    })?;
-                    Fetched::Snapshot(SnapshotEnvelope::new(snapshot.revision, data))
-                }
-                Fetched::NotModified { revision } => Fetched::NotModified { revision },
-            })
+            decode(&request.topic, fetched)
         }
     }
+
+    /// Answers from the snapshot the newest invalidation carried, with no
+    /// round trip; `None` without one, or when it does not decode (then
+    /// [`fetch`](Provider::fetch) reports why).
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<T>> {
+        let shared = &self.client.inner.shared;
+        let inlined = shared.inlined(&request.topic, request.if_newer_than)?;
+        decode(&request.topic, inlined).ok()
+    }
+}
+
+/// Reads a snapshot's data as `T`; data that does not decode is a
+/// protocol error, with the raw bytes in its context.
+fn decode<T: DeserializeOwned>(
+    topic: &Topic,
+    fetched: Fetched<Bytes>,
+) -> Result<Fetched<T>, FetchError> {
+    Ok(match fetched {
+        Fetched::Snapshot(snapshot) => {
+            let data = crate::protocol::from_json(&snapshot.data).map_err(|e| {
+                FetchError::Protocol(
+                    ProtocolError::new(ProtocolErrorKind::Malformed(e.to_string()))
+                        .with_topic(topic.clone())
+                        .with_raw_bytes(&snapshot.data),
+                )
+            })?;
+            Fetched::Snapshot(SnapshotEnvelope::new(snapshot.revision, data))
+        }
+        Fetched::NotModified { revision } => Fetched::NotModified { revision },
+    })
 }

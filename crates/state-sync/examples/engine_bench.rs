@@ -52,6 +52,11 @@ impl<P: Provider> Provider for Counting<P> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         self.inner.fetch(request).await
     }
+
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<P::Data>> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.inner.fetch_now(request)
+    }
 }
 
 /// Hands the sink to the benchmark so it can deliver events directly.

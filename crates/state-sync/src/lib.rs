@@ -69,7 +69,7 @@ mod subscriber;
 pub mod testkit;
 mod topic;
 
-pub use applier::Applier;
+pub use applier::{AppliedNow, Applier};
 pub use backoff::{Backoff, RetryPolicy};
 pub use engine::{Status, SyncHandle, SyncHandleBuilder, Throttle};
 pub use error::{BoxError, Error, ErrorChain, ErrorContext, Phase, Result, Stopped};

@@ -287,21 +287,27 @@ impl<T: Clone + Send + Sync + 'static> Provider for MemorySource<T> {
         &self,
         request: &FetchRequest,
     ) -> impl Future<Output = Result<Fetched<T>, FetchError>> + Send {
-        let result = if request.topic.matches(&self.inner.topic) {
-            let state = read(&self.inner.state);
-            Ok(match request.if_newer_than {
-                Some(known) if known >= state.revision => Fetched::NotModified {
-                    revision: state.revision,
-                },
-                _ => Fetched::Snapshot(state.clone()),
-            })
-        } else {
-            Err(FetchError::unavailable(UnknownTopic {
+        let result = self.fetch_now(request).ok_or_else(|| {
+            FetchError::unavailable(UnknownTopic {
                 asked: request.topic.clone(),
                 held: self.inner.topic.clone(),
-            }))
-        };
+            })
+        });
         std::future::ready(result)
+    }
+
+    /// Always answers, except for another topic (which `fetch` reports).
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<T>> {
+        if !request.topic.matches(&self.inner.topic) {
+            return None;
+        }
+        let state = read(&self.inner.state);
+        Some(match request.if_newer_than {
+            Some(known) if known >= state.revision => Fetched::NotModified {
+                revision: state.revision,
+            },
+            _ => Fetched::Snapshot(state.clone()),
+        })
     }
 }
 

@@ -113,6 +113,19 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         request: &FetchRequest,
     ) -> impl Future<Output = Result<Fetched<Self::Data>, FetchError>> + Send;
+
+    /// Answers at once, when the answer is at hand without waiting: a
+    /// source in memory, a snapshot that came with its invalidation. The
+    /// engine then refreshes without building a future, which halves what
+    /// a refresh costs.
+    ///
+    /// `None`, the default, sends the engine to [`fetch`](Self::fetch),
+    /// which also reports every failure: return `Some` only with the
+    /// answer `fetch` would give.
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<Self::Data>> {
+        let _ = request;
+        None
+    }
 }
 
 impl<P: Provider> Provider for Arc<P> {
@@ -123,5 +136,9 @@ impl<P: Provider> Provider for Arc<P> {
         request: &FetchRequest,
     ) -> impl Future<Output = Result<Fetched<Self::Data>, FetchError>> + Send {
         (**self).fetch(request)
+    }
+
+    fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<Self::Data>> {
+        (**self).fetch_now(request)
     }
 }

@@ -10,6 +10,11 @@
 //!                                                                    ▼ apply ──▶ local revision
 //! ```
 //!
+//! - **Refreshes without a future.** While the provider answers and the
+//!   applier applies at once ([`Provider::fetch_now`],
+//!   [`Applier::apply_now`]: a source in memory, a snapshot that came
+//!   with its invalidation, a closure), the worker refreshes without
+//!   building a future; anything that waits goes on in one.
 //! - **Revision gate.** The first snapshot is applied whatever its revision
 //!   (also `0`); later ones only if strictly newer. Invalidations at or below
 //!   the local revision cost two atomic loads and never fetch.
@@ -51,6 +56,7 @@ use tokio::time::Instant;
 mod builder;
 mod gate;
 mod handle;
+mod refresh_now;
 mod worker;
 
 use builder::*;
@@ -58,9 +64,10 @@ pub use builder::{SyncHandleBuilder, Throttle};
 use gate::*;
 use handle::*;
 pub use handle::{Status, SyncHandle};
+use refresh_now::*;
 use worker::*;
 
-use crate::applier::Applier;
+use crate::applier::{AppliedNow, Applier};
 use crate::backoff::RetryPolicy;
 use crate::error::{BoxError, Error, ErrorContext, Phase, Result, Stopped};
 use crate::metrics::ReplicaMetrics;
@@ -111,6 +118,17 @@ impl Pending {
                 source_id: e.source_id.as_deref().map(Box::from),
             });
         }
+    }
+
+    /// The event that asked for this refresh, if any, left in place (for
+    /// an error's context).
+    fn event(&self, topic: &Topic) -> Option<InvalidationEvent> {
+        self.event.as_ref().map(|e| InvalidationEvent {
+            topic: topic.clone(),
+            revision: e.revision,
+            source_id: e.source_id.as_deref().map(String::from),
+            timestamp_ms: e.timestamp_ms,
+        })
     }
 
     /// The event that asked for this refresh, if any.
@@ -266,8 +284,16 @@ where
         }
     }
 
-    /// Drains the pending slot, one refresh at a time, then exits.
-    async fn run_worker(self: Arc<Self>) {
+    /// Finishes what [`refresh_now`](Self::refresh_now) left, then drains
+    /// the pending slot, one refresh at a time, and exits.
+    async fn run_worker(self: Arc<Self>, unfinished: Option<Unfinished<P::Data>>) {
+        match unfinished {
+            Some(Unfinished::Refresh(pending)) => self.refresh_pending(pending).await,
+            Some(Unfinished::Apply(snapshot, pending)) => {
+                self.apply_fetched(snapshot, pending).await;
+            }
+            None => {}
+        }
         loop {
             if !self.wait_for_quiet().await {
                 return self.worker_exit();
@@ -530,25 +556,38 @@ where
                 AssertUnwindSafe(async { self.applier.apply(snapshot).await }).catch_unwind(),
             )
             .await;
-        let failure: BoxError = match applied {
+        match applied {
             Ok(Ok(())) => {
-                self.gate.record_applied(revision);
-                self.metrics.applied();
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if self.gate.waiters.load(Ordering::SeqCst) > 0 {
-                    self.revision_changed.notify_waiters();
-                }
-                tracing::debug!(topic = %self.gate.topic, %revision, "applied");
-                return Ok(());
+                self.applied(revision);
+                Ok(())
             }
-            Ok(Err(error)) => error,
-            Err(panic) => format!("applier panicked: {}", panic_message(&*panic)).into(),
-        };
+            Ok(Err(error)) => Err(self.apply_failed(revision, error, cause)),
+            Err(panic) => Err(self.apply_failed(revision, applier_panicked(&*panic), cause)),
+        }
+    }
+
+    /// Records an applied revision and wakes whoever waits for it.
+    fn applied(&self, revision: Revision) {
+        self.gate.record_applied(revision);
+        self.metrics.applied();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.gate.waiters.load(Ordering::SeqCst) > 0 {
+            self.revision_changed.notify_waiters();
+        }
+        tracing::debug!(topic = %self.gate.topic, %revision, "applied");
+    }
+
+    fn apply_failed(
+        &self,
+        revision: Revision,
+        failure: BoxError,
+        cause: Option<&InvalidationEvent>,
+    ) -> Error {
         let context = ErrorContext {
             snapshot_revision: Some(revision),
             ..self.context(cause)
         };
-        Err(self.fail(Phase::Apply, context, failure))
+        self.fail(Phase::Apply, context, failure)
     }
 
     // ---- lifecycle -----------------------------------------------------

@@ -21,8 +21,12 @@ where
             engine.worker_exit();
             return;
         }
+        let unfinished = match engine.refresh_now() {
+            RefreshNow::Drained => continue,
+            RefreshNow::Waits(unfinished) => unfinished,
+        };
         // Boxed so the parked task stays small between refreshes.
-        Box::pin(engine.run_worker()).await;
+        Box::pin(engine.run_worker(unfinished)).await;
     }
 }
 
@@ -142,6 +146,10 @@ where
         }
         self.gate.request(None, true);
     }
+}
+
+pub(super) fn applier_panicked(panic: &(dyn std::any::Any + Send)) -> BoxError {
+    format!("applier panicked: {}", panic_message(panic)).into()
 }
 
 pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
