@@ -447,3 +447,47 @@ async fn after_a_hub_restarts_without_its_state_deltas_start_from_the_new_hub_on
     converged.within_limit().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_written_during_a_storm_of_invalidations_on_the_same_connection() {
+    let hub = Hub::in_memory();
+    let doc = hub.topic("doc", String::new).await.unwrap();
+    let (server, path, _dir) = served(hub, ServerConfig::default(), AccessConfig::open()).await;
+    let client = Client::connect(Endpoint::Unix(path), options("storm"));
+    let (handle, _recorder) = replica::<String>(&client, "doc").await;
+    let remote = client.topic::<String>("doc").unwrap();
+
+    // Four writers keep the hub writing invalidations, each with the
+    // document inline, to this connection without a pause.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm: Vec<_> = (0..4)
+        .map(|writer| {
+            let (doc, stop) = (doc.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut writes = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let text = format!("{writer}-{writes}-{}", "x".repeat(16 * 1024));
+                    SharedTopic::replace(&doc, text).await.unwrap();
+                    writes += 1;
+                }
+                writes
+            })
+        })
+        .collect();
+    // Every answer on that connection still arrives.
+    for _ in 0..100 {
+        SharedTopic::get(&remote).within_limit().await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut writes = 0;
+    for writer in storm {
+        writes += writer.within_limit().await.unwrap();
+    }
+    assert!(writes >= 10, "the storm wrote {writes} revisions");
+    handle
+        .wait_for_revision(doc.revision())
+        .within_limit()
+        .await
+        .unwrap();
+    server.shutdown().await;
+}

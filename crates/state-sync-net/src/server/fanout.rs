@@ -9,6 +9,10 @@ use crate::TopicMap;
 pub(super) struct Connection {
     pub(super) outbox: Mutex<Outbox>,
     pub(super) wake: Notify,
+    /// Set after an answer is queued: the writer, woken for invalidations,
+    /// looks at the answer queue only then (an empty look is a cache miss
+    /// per connection on every fan-out).
+    pub(super) answer_queued: AtomicBool,
 }
 
 /// What waits to be written, and what was written, on one connection.
@@ -43,6 +47,7 @@ impl Connection {
         Connection {
             outbox: Mutex::default(),
             wake: Notify::new(),
+            answer_queued: AtomicBool::new(false),
         }
     }
 

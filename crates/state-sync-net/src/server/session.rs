@@ -265,10 +265,13 @@ impl Session {
             () = self.unwritable.cancelled() => None,
         };
         let Some(room) = room else { return false };
-        self.answers
+        let queued = self
+            .answers
             .send(Box::new(Queued { frame, _room: room }))
             .await
-            .is_ok()
+            .is_ok();
+        self.connection.answer_queued.store(true, Ordering::Release);
+        queued
     }
 
     /// Handles requests; `set`s run concurrently (requests on one topic in

@@ -66,19 +66,19 @@ pub(super) async fn write_loop(
     let counters = &shared.counters;
     let limit = shared.config.write_timeout;
     let mut batch: Vec<Pending> = Vec::new();
+    let write_answer = async |sink: &mut FrameSink, queued: Box<Queued>| {
+        crate::metrics::bytes_out(peer.transport, queued.frame.len());
+        counters
+            .bytes_sent
+            .fetch_add(queued.frame.len() as u64, Ordering::Relaxed);
+        send_within(sink, queued.frame, limit).await
+    };
     loop {
+        // Invalidations first, without looking at the answer queue; the
+        // answers queued meanwhile are written right after them, so a
+        // storm of invalidations never holds answers back.
         let result = tokio::select! {
             biased;
-            answer = answers.recv() => match answer {
-                Some(queued) => {
-                    crate::metrics::bytes_out(peer.transport, queued.frame.len());
-                    counters
-                        .bytes_sent
-                        .fetch_add(queued.frame.len() as u64, Ordering::Relaxed);
-                    send_within(&mut sink, queued.frame, limit).await
-                }
-                None => break,
-            },
             () = connection.wake.notified() => {
                 connection.take_pending(&mut batch);
                 let written = async {
@@ -100,8 +100,21 @@ pub(super) async fn write_loop(
                     }
                     sink.flush().await
                 };
-                within(limit, written).await
+                let mut result = within(limit, written).await;
+                if result.is_ok() && connection.answer_queued.swap(false, Ordering::AcqRel) {
+                    while let Ok(queued) = answers.try_recv() {
+                        result = write_answer(&mut sink, queued).await;
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                }
+                result
             }
+            answer = answers.recv() => match answer {
+                Some(queued) => write_answer(&mut sink, queued).await,
+                None => break,
+            },
         };
         if let Err(reason) = result {
             counters
