@@ -38,10 +38,13 @@ pub trait Applier<T>: Send + Sync + 'static {
     /// Applies `snapshot` at once, when this applier never waits (the
     /// ready-made ones here, except [`from_async_fn`]). The engine then
     /// refreshes without building a future, which halves what a refresh
-    /// costs.
+    /// costs (with [`Provider::fetch_now`](crate::Provider::fetch_now)).
     ///
     /// The default hands the snapshot back untouched, as
-    /// [`AppliedNow::Later`], for [`apply`](Self::apply).
+    /// [`AppliedNow::Later`], for [`apply`](Self::apply). Whatever this
+    /// returns must be what `apply` would do: the engine gates, orders,
+    /// reports and counts both alike, and calls this only in turn, never
+    /// after `stop` returned.
     fn apply_now(&self, snapshot: SnapshotEnvelope<T>) -> AppliedNow<T> {
         AppliedNow::Later(snapshot)
     }

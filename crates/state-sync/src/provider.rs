@@ -117,11 +117,13 @@ pub trait Provider: Send + Sync + 'static {
     /// Answers at once, when the answer is at hand without waiting: a
     /// source in memory, a snapshot that came with its invalidation. The
     /// engine then refreshes without building a future, which halves what
-    /// a refresh costs.
+    /// a refresh costs (with [`Applier::apply_now`](crate::Applier::apply_now)).
     ///
     /// `None`, the default, sends the engine to [`fetch`](Self::fetch),
     /// which also reports every failure: return `Some` only with the
-    /// answer `fetch` would give.
+    /// answer `fetch` would give. It runs on the handle's worker task, so
+    /// it must not block; a panic is reported (phase `get_snapshot`) and
+    /// the engine fetches instead.
     fn fetch_now(&self, request: &FetchRequest) -> Option<Fetched<Self::Data>> {
         let _ = request;
         None
