@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Answer, Errors, ScriptedSource, event, settle, topic};
+use common::{
+    Answer, Errors, ScriptedSource, event, failing_second_panicking_third, settle, topic,
+};
 use serde_json::{Value, json};
 use state_sync::testkit::{Recorder, WithinLimit};
 use state_sync::{Phase, Revision, SnapshotEnvelope, Status, SyncHandle, applier};
@@ -346,18 +348,11 @@ async fn a_failing_or_panicking_applier_is_reported_and_retried_by_the_next_even
     let source = ScriptedSource::new(1, json!(1));
     let errors = Errors::default();
     let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
     let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            match c.fetch_add(1, Ordering::SeqCst) {
-                1 => Err("disk full"),
-                2 => panic!("applier bug at {}", s.revision),
-                _ => Ok(()),
-            }
-        }),
+        failing_second_panicking_third(&calls),
     )
     .on_error(errors.callback())
     .build();

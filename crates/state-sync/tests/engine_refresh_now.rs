@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Errors, settle, topic};
+use common::{Errors, failing_second_panicking_third, settle, topic};
 use serde_json::{Value, json};
 use state_sync::testkit::WithinLimit;
 use state_sync::{
-    FetchError, FetchRequest, Fetched, MemorySource, Phase, Provider, Revision, SnapshotEnvelope,
-    SyncHandle, applier,
+    Applier, FetchError, FetchRequest, Fetched, MemorySource, Phase, Provider, Revision,
+    SnapshotEnvelope, SyncHandle, applier,
 };
 
 /// The revisions an applier saw, in order.
@@ -29,6 +29,15 @@ impl Seen {
 
     fn all(&self) -> Vec<u64> {
         self.0.lock().unwrap().clone()
+    }
+
+    /// An applier that applies at once, recording each revision.
+    fn applier(&self) -> impl Applier<Value> + use<> {
+        let seen = self.clone();
+        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+            seen.push(s.revision);
+            Ok::<_, std::convert::Infallible>(())
+        })
     }
 
     fn assert_strictly_increasing_to(&self, last: u64) {
@@ -95,17 +104,7 @@ impl Provider for AtOnce {
 async fn an_at_once_source_and_applier_apply_every_burst_in_order() {
     let source = MemorySource::new(topic(), json!(0));
     let seen = Seen::default();
-    let record = seen.clone();
-    let h = SyncHandle::from_parts(
-        topic(),
-        source.clone(),
-        source.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            record.push(s.revision);
-            Ok::<_, std::convert::Infallible>(())
-        }),
-    )
-    .build();
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), seen.applier()).build();
     h.start().await.unwrap();
     let mut last = Revision::ZERO;
     for round in 0..20 {
@@ -165,18 +164,9 @@ async fn a_fetch_now_that_declines_or_panics_falls_back_to_fetch() {
     let source = provider.source.clone();
     let errors = Errors::default();
     let seen = Seen::default();
-    let record = seen.clone();
-    let h = SyncHandle::from_parts(
-        topic(),
-        source.clone(),
-        provider.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            record.push(s.revision);
-            Ok::<_, std::convert::Infallible>(())
-        }),
-    )
-    .on_error(errors.callback())
-    .build();
+    let h = SyncHandle::from_parts(topic(), source.clone(), provider.clone(), seen.applier())
+        .on_error(errors.callback())
+        .build();
     h.start().await.unwrap();
     // `start` fetches through the future.
     let start_fetches = provider.fetches.load(Ordering::SeqCst);
@@ -206,18 +196,11 @@ async fn an_at_once_applier_that_fails_or_panics_is_reported_and_the_next_event_
     let source = MemorySource::new(topic(), json!(0));
     let errors = Errors::default();
     let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
     let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            match c.fetch_add(1, Ordering::SeqCst) {
-                1 => Err("disk full"),
-                2 => panic!("applier bug at {}", s.revision),
-                _ => Ok(()),
-            }
-        }),
+        failing_second_panicking_third(&calls),
     )
     .on_error(errors.callback())
     .build();

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use state_sync::{
-    BoxError, Error, FetchError, FetchRequest, Fetched, InvalidationEvent, InvalidationSink, Phase,
-    Provider, Revision, SnapshotEnvelope, Subscriber, Subscription, Topic,
+    Applier, BoxError, Error, FetchError, FetchRequest, Fetched, InvalidationEvent,
+    InvalidationSink, Phase, Provider, Revision, SnapshotEnvelope, Subscriber, Subscription, Topic,
+    applier,
 };
 use tokio::sync::Semaphore;
 
@@ -250,4 +251,17 @@ pub async fn settle() {
     for _ in 0..50 {
         tokio::task::yield_now().await;
     }
+}
+
+/// An applier that applies at once and counts its calls: the second
+/// fails, the third panics, the others succeed.
+pub fn failing_second_panicking_third(calls: &Arc<AtomicUsize>) -> impl Applier<Value> + use<> {
+    let calls = calls.clone();
+    applier::from_fn(
+        move |s: SnapshotEnvelope<Value>| match calls.fetch_add(1, Ordering::SeqCst) {
+            1 => Err("disk full"),
+            2 => panic!("applier bug at {}", s.revision),
+            _ => Ok(()),
+        },
+    )
 }
