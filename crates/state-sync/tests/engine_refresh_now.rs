@@ -255,3 +255,45 @@ async fn an_at_once_applier_that_publishes_to_its_own_source_converges() {
     assert_eq!(seen.all(), (0..=10).collect::<Vec<_>>());
     assert_eq!(source.revision(), Revision::new(10));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_that_never_catches_up_still_lets_other_tasks_run() {
+    // Each apply publishes the next revision, forever: the worker always
+    // has a refresh to run, each one at once.
+    let source = MemorySource::new(topic(), json!(0));
+    let writer = source.clone();
+    let h = SyncHandle::from_parts(
+        topic(),
+        source.clone(),
+        source.clone(),
+        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+            writer.publish(json!(s.revision.get() + 1));
+            Ok::<_, std::convert::Infallible>(())
+        }),
+    )
+    .build();
+    h.start().await.unwrap();
+    // On this one-thread runtime, another task and this one still run.
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                ticks.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    async {
+        while ticks.load(Ordering::SeqCst) < 20 || h.local_revision().get() < 1000 {
+            tokio::task::yield_now().await;
+        }
+    }
+    .within_limit()
+    .await;
+    h.stop().within_limit().await;
+    let stopped_at = source.revision();
+    settle().await;
+    assert_eq!(source.revision(), stopped_at, "applied after stop");
+    ticker.abort();
+}

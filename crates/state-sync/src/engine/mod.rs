@@ -14,7 +14,9 @@
 //!   applier applies at once ([`Provider::fetch_now`],
 //!   [`Applier::apply_now`]: a source in memory, a snapshot that came
 //!   with its invalidation, a closure), the worker refreshes without
-//!   building a future; anything that waits goes on in one.
+//!   building a future; anything that waits goes on in one. It yields to
+//!   the runtime every 64 refreshes, so a handle that never catches up
+//!   does not hold a thread.
 //! - **Revision gate.** The first snapshot is applied whatever its revision
 //!   (also `0`); later ones only if strictly newer. Invalidations at or below
 //!   the local revision cost two atomic loads and never fetch.

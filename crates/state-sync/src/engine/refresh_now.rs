@@ -10,9 +10,17 @@ use super::*;
 pub(super) enum RefreshNow<T> {
     /// The slot is empty, and the worker marked done under its lock.
     Drained,
+    /// [`REFRESHES_PER_POLL`] refreshes ran: the worker yields to the
+    /// runtime before it goes on (the slot may hold more).
+    Yield,
     /// The rest needs the worker's future, starting with this, if any.
     Waits(Option<Unfinished<T>>),
 }
+
+/// Refreshes run in one poll of the worker at most: a source that
+/// publishes as fast as the handle applies (or an applier that publishes
+/// to its own source) must not hold a runtime thread forever.
+pub(super) const REFRESHES_PER_POLL: usize = 64;
 
 /// A refresh taken from the slot that must go on in the worker's future.
 pub(super) enum Unfinished<T> {
@@ -36,7 +44,7 @@ where
         if self.gate.debounce.is_some() || self.options.throttle.is_some() {
             return RefreshNow::Waits(None);
         }
-        loop {
+        for _ in 0..REFRESHES_PER_POLL {
             let mut pending = {
                 let mut st = self.lock();
                 let Some(pending) = &st.pending else {
@@ -117,6 +125,7 @@ where
             let cause = pending.cause(&self.gate.topic);
             self.apply_failed(revision, failure, cause.as_ref());
         }
+        RefreshNow::Yield
     }
 
     /// Applies a snapshot fetched at once, for an applier that waits: in

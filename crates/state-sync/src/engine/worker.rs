@@ -21,12 +21,17 @@ where
             engine.worker_exit();
             return;
         }
-        let unfinished = match engine.refresh_now() {
-            RefreshNow::Drained => continue,
-            RefreshNow::Waits(unfinished) => unfinished,
+        let unfinished = loop {
+            match engine.refresh_now() {
+                RefreshNow::Drained => break None,
+                RefreshNow::Waits(unfinished) => break Some(unfinished),
+                RefreshNow::Yield => tokio::task::yield_now().await,
+            }
         };
-        // Boxed so the parked task stays small between refreshes.
-        Box::pin(engine.run_worker(unfinished)).await;
+        if let Some(unfinished) = unfinished {
+            // Boxed so the parked task stays small between refreshes.
+            Box::pin(engine.run_worker(unfinished)).await;
+        }
     }
 }
 
