@@ -13,6 +13,8 @@
 //!   replica has the last one — the cost of coalescing;
 //! - `fanout`: 10 000 handles on one source, 20 updates each awaited until
 //!   every handle applied it; plus the resident memory of an idle handle.
+//!   `fanout_on_delivery`: the same with each handle refreshing inside the
+//!   publish (`SyncHandleBuilder::refresh_on_delivery`), not on its worker;
 //! - `baseline_clone`: cloning one event per iteration, the floor any
 //!   event-passing design pays, measured in the same run for comparison;
 //! - `baseline_spawn_watch`: per handle and update, one spawned task that
@@ -180,9 +182,13 @@ async fn burst() -> Result<(), BoxError> {
 
 async fn fanout(runtime: &str) -> Result<(), BoxError> {
     const UPDATES: u64 = 20;
-    let (per, bytes_per_handle) = engine_fanout(UPDATES).await?;
+    let (per, bytes_per_handle) = engine_fanout(UPDATES, false).await?;
     println!(
         r#"{{"workload":"fanout","runtime":"{runtime}","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{per:.3},"bytes_per_handle":{bytes_per_handle:.0}}}"#
+    );
+    let (on_delivery, _) = engine_fanout(UPDATES, true).await?;
+    println!(
+        r#"{{"workload":"fanout_on_delivery","runtime":"{runtime}","handles":{HANDLES},"updates":{UPDATES},"us_per_update_per_handle":{on_delivery:.3}}}"#
     );
     // Measured after the engine's run so they do not skew its memory figure.
     let baseline = spawn_watch_baseline().await?;
@@ -201,9 +207,10 @@ async fn fanout(runtime: &str) -> Result<(), BoxError> {
 const HANDLES: usize = 10_000;
 
 /// 10 000 started handles on one source, `updates` updates each awaited
-/// on all. Returns µs per handle per update, and resident bytes per idle
-/// handle.
-async fn engine_fanout(updates: u64) -> Result<(f64, f64), BoxError> {
+/// on all; with `on_delivery`, each handle refreshes inside the publish
+/// (`SyncHandleBuilder::refresh_on_delivery`). Returns µs per handle per
+/// update, and resident bytes per idle handle.
+async fn engine_fanout(updates: u64, on_delivery: bool) -> Result<(f64, f64), BoxError> {
     let topic = Topic::new("bench")?;
     let source = MemorySource::new(topic.clone(), 0u64);
 
@@ -216,6 +223,7 @@ async fn engine_fanout(updates: u64) -> Result<(f64, f64), BoxError> {
             source.clone(),
             noop_applier(),
         )
+        .refresh_on_delivery(on_delivery)
         .build();
         h.start().await?;
         handles.push(h);
@@ -345,7 +353,7 @@ fn main() -> Result<(), BoxError> {
             .enable_all()
             .build()?
             .block_on(async {
-                let (per, _) = engine_fanout(updates).await?;
+                let (per, _) = engine_fanout(updates, false).await?;
                 println!(r#"{{"workload":"fanout","updates":{updates},"us_per_update_per_handle":{per:.3}}}"#);
                 Ok(())
             });

@@ -297,3 +297,110 @@ async fn a_handle_that_never_catches_up_still_lets_other_tasks_run() {
     assert_eq!(source.revision(), stopped_at, "applied after stop");
     ticker.abort();
 }
+
+#[tokio::test(start_paused = true)]
+async fn refresh_on_delivery_applies_inside_the_publish_on_every_handle() {
+    let source = MemorySource::new(topic(), json!(0));
+    let mut handles = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let applied = Seen::default();
+        let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), applied.applier())
+            .refresh_on_delivery(true)
+            .build();
+        h.start().await.unwrap();
+        handles.push(h);
+        seen.push(applied);
+    }
+    for i in 1..=5 {
+        let revision = source.publish(json!(i));
+        // No await since the publish: every handle applied it in there.
+        for h in &handles {
+            assert_eq!(h.local_revision(), revision);
+        }
+    }
+    for applied in &seen {
+        assert_eq!(applied.all(), [0, 1, 2, 3, 4, 5]);
+    }
+    for h in &handles {
+        h.stop().await;
+    }
+    source.publish(json!("after stop"));
+    settle().await;
+    for applied in &seen {
+        assert_eq!(applied.all().last(), Some(&5), "applied after stop");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_on_delivery_hands_what_waits_to_the_worker() {
+    // A provider that declines now and then, an applier that waits, and
+    // an applier that publishes to its own source: each converges.
+    let provider = AtOnce::new(&[Step::Decline, Step::Answer, Step::Decline]);
+    let source = provider.source.clone();
+    let seen = Seen::default();
+    let h = SyncHandle::from_parts(topic(), source.clone(), provider.clone(), seen.applier())
+        .refresh_on_delivery(true)
+        .build();
+    h.start().await.unwrap();
+    let mut last = Revision::ZERO;
+    for i in 1..=6 {
+        last = source.publish(json!(i));
+    }
+    h.wait_for_revision(last).within_limit().await.unwrap();
+    seen.assert_strictly_increasing_to(last.get());
+    // The declined refresh was taken up again by the worker.
+    assert!(provider.fetches_now.load(Ordering::SeqCst) >= 2);
+
+    let waiting = Seen::default();
+    let record = waiting.clone();
+    let slow = SyncHandle::from_parts(
+        topic(),
+        source.clone(),
+        source.clone(),
+        applier::from_async_fn(move |s: SnapshotEnvelope<Value>| {
+            let record = record.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                record.push(s.revision);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        }),
+    )
+    .refresh_on_delivery(true)
+    .build();
+    slow.start().await.unwrap();
+    for i in 0..10 {
+        last = source.publish(json!(i));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    slow.wait_for_revision(last).within_limit().await.unwrap();
+    waiting.assert_strictly_increasing_to(last.get());
+
+    let own = MemorySource::new(topic(), json!(0));
+    let writer = own.clone();
+    let chained = Seen::default();
+    let record = chained.clone();
+    let chain = SyncHandle::from_parts(
+        topic(),
+        own.clone(),
+        own.clone(),
+        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+            record.push(s.revision);
+            if (1..10).contains(&s.revision.get()) {
+                writer.publish(json!(s.revision.get() + 1));
+            }
+            Ok::<_, std::convert::Infallible>(())
+        }),
+    )
+    .refresh_on_delivery(true)
+    .build();
+    chain.start().await.unwrap();
+    own.publish(json!(1));
+    chain
+        .wait_for_revision(Revision::new(10))
+        .within_limit()
+        .await
+        .unwrap();
+    assert_eq!(chained.all(), (0..=10).collect::<Vec<_>>());
+}

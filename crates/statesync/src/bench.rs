@@ -53,6 +53,10 @@ pub(crate) struct BenchArgs {
     /// deltas save).
     #[arg(long)]
     no_deltas: bool,
+    /// Replicas refresh on their connection's reader, without waking
+    /// their handle's worker (`SyncHandleBuilder::refresh_on_delivery`).
+    #[arg(long)]
+    refresh_on_delivery: bool,
     /// Sweep and draw: the same load on the hub and on the Redis
     /// baseline at 100, 300 and `--clients` replicas, then at 1 KiB,
     /// 16 KiB and 64 KiB documents; writes `p99-vs-replicas.svg`,
@@ -296,6 +300,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
             }),
         )
         .retry(RetryPolicy::default().max_attempts(20).jitter(true))
+        .refresh_on_delivery(args.refresh_on_delivery)
         .build();
         match tokio::time::timeout(Duration::from_secs(30), handle.start()).await {
             Ok(Ok(())) => {}
@@ -386,6 +391,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
         "hub_cpu_ms_per_write": hub_cpu,
         "deltas": !args.no_deltas,
+        "refresh_on_delivery": args.refresh_on_delivery,
         "hub_snapshot_bytes_per_write": snapshot_bytes,
         "hub_bytes_out_per_write": bytes_out,
         "deltas_per_write": deltas,

@@ -83,6 +83,9 @@ pub struct SyncHandleBuilder<S, P, A> {
     pub(super) provider: P,
     pub(super) applier: A,
     pub(super) options: Options,
+    /// Kept in the gate only, in its padding: not in `Options`, which
+    /// every engine holds.
+    pub(super) refresh_on_delivery: bool,
 }
 
 impl<S, P, A> SyncHandleBuilder<S, P, A>
@@ -141,6 +144,23 @@ where
         self
     }
 
+    /// Refreshes on the thread that delivers an invalidation (the
+    /// subscriber's: a connection's reader, [`MemorySource::publish`]),
+    /// without waking the handle's worker task, while the provider answers
+    /// and the applier applies at once ([`Provider::fetch_now`],
+    /// [`Applier::apply_now`]); anything else still goes to the worker.
+    /// One task wake less per event, for an applier quick enough to run
+    /// inside the delivery: it holds up the subscriber meanwhile (other
+    /// handles of a `MemorySource`, other topics of a connection). Off by
+    /// default; ignored with [`debounce`](Self::debounce) or
+    /// [`throttle`](Self::throttle).
+    ///
+    /// [`MemorySource::publish`]: crate::MemorySource::publish
+    pub fn refresh_on_delivery(mut self, on: bool) -> Self {
+        self.refresh_on_delivery = on;
+        self
+    }
+
     /// Builds the handle. Nothing happens until [`SyncHandle::start`].
     pub fn build(self) -> SyncHandle {
         let (progress, _) = watch::channel(Status::Idle);
@@ -155,6 +175,7 @@ where
             engine: OnceLock::new(),
             state: Mutex::new(State::default()),
             debounce: self.options.debounce,
+            refresh_on_delivery: self.refresh_on_delivery,
             should_refresh: self.options.should_refresh.clone(),
         });
         let engine = Engine {

@@ -17,6 +17,10 @@ pub(super) struct Gate {
     pub(super) local: AtomicU64,
     pub(super) applied: AtomicBool,
     pub(super) closed: AtomicBool,
+    /// Whether a fresh event is refreshed on the delivering thread (see
+    /// [`SyncHandleBuilder::refresh_on_delivery`]); in the padding before
+    /// the topic.
+    pub(super) refresh_on_delivery: bool,
     pub(super) topic: Topic,
     pub(super) should_refresh: Option<ShouldRefresh>,
     /// `wait_for_revision` calls in progress: an apply wakes waiters only
@@ -103,8 +107,12 @@ impl Gate {
         };
         // One task per handle, parked between refreshes, costs less than a
         // spawn per refresh: no allocation, no task registration.
-        if wake {
-            self.wake_worker.wake();
+        if !wake {
+            return;
+        }
+        match self.live_engine().filter(|_| self.refresh_on_delivery) {
+            Some(engine) => engine.refresh_on_delivery(),
+            None => self.wake_worker.wake(),
         }
     }
 }

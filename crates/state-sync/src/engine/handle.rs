@@ -121,6 +121,7 @@ impl SyncHandle {
             provider,
             applier,
             options: Options::default(),
+            refresh_on_delivery: false,
         }
     }
 

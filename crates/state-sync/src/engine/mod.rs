@@ -16,7 +16,10 @@
 //!   with its invalidation, a closure), the worker refreshes without
 //!   building a future; anything that waits goes on in one. It yields to
 //!   the runtime every 64 refreshes, so a handle that never catches up
-//!   does not hold a thread.
+//!   does not hold a thread. With
+//!   [`refresh_on_delivery`](SyncHandleBuilder::refresh_on_delivery) such
+//!   a refresh runs on the thread that delivers the event, and no task is
+//!   woken at all.
 //! - **Revision gate.** The first snapshot is applied whatever its revision
 //!   (also `0`); later ones only if strictly newer. Invalidations at or below
 //!   the local revision cost two atomic loads and never fetch.
@@ -119,6 +122,17 @@ impl Pending {
                 timestamp_ms: e.timestamp_ms,
                 source_id: e.source_id.as_deref().map(Box::from),
             });
+        }
+    }
+
+    /// Takes `other` back into the slot: the newer event, and forced if
+    /// either was.
+    fn absorb(&mut self, other: Pending) {
+        self.forced |= other.forced;
+        if let Some(e) = other.event
+            && self.event.as_ref().is_none_or(|p| e.revision >= p.revision)
+        {
+            self.event = Some(e);
         }
     }
 

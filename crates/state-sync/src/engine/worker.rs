@@ -21,14 +21,16 @@ where
             engine.worker_exit();
             return;
         }
-        let unfinished = loop {
+        // Nothing of a refresh's outcome may be held across the yield: it
+        // would be kept in every parked task.
+        let outcome = loop {
             match engine.refresh_now() {
-                RefreshNow::Drained => break None,
-                RefreshNow::Waits(unfinished) => break Some(unfinished),
-                RefreshNow::Yield => tokio::task::yield_now().await,
+                RefreshNow::Yield => {}
+                outcome => break outcome,
             }
+            tokio::task::yield_now().await;
         };
-        if let Some(unfinished) = unfinished {
+        if let RefreshNow::Waits(unfinished) = outcome {
             // Boxed so the parked task stays small between refreshes.
             Box::pin(engine.run_worker(unfinished)).await;
         }
@@ -39,6 +41,10 @@ where
 /// a trait object so the gate (which every event touches) need not know
 /// its types.
 pub(super) trait EngineEvents: Send + Sync {
+    /// Runs the wanted refresh here, on the delivering thread, as far as
+    /// it goes at once; the worker, woken, does the rest. The caller
+    /// marked the worker running.
+    fn refresh_on_delivery(&self);
     fn should_refresh_panicked(&self, event: &InvalidationEvent);
     fn protocol_error(&self, error: ProtocolError);
     fn transport_error(&self, error: BoxError);
@@ -116,6 +122,27 @@ where
     P: Provider,
     A: Applier<P::Data>,
 {
+    fn refresh_on_delivery(&self) {
+        match self.refresh_now() {
+            RefreshNow::Drained => {}
+            RefreshNow::Yield | RefreshNow::Waits(None) => self.gate.wake_worker.wake(),
+            RefreshNow::Waits(Some(unfinished)) => {
+                // The worker refreshes again from the slot: a snapshot
+                // fetched for an applier that waits is fetched anew.
+                let (Unfinished::Refresh(pending) | Unfinished::Apply(_, pending)) = unfinished;
+                {
+                    let mut st = self.lock();
+                    if st.lifecycle == Lifecycle::Started {
+                        st.pending
+                            .get_or_insert_with(Pending::default)
+                            .absorb(pending);
+                    }
+                }
+                self.gate.wake_worker.wake();
+            }
+        }
+    }
+
     fn should_refresh_panicked(&self, event: &InvalidationEvent) {
         self.fail(
             Phase::Invalidation,
