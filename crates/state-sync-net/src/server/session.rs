@@ -87,17 +87,18 @@ pub(super) async fn serve(
         peer = %peer,
         client = %client_id,
     );
-    let writer = tokio::spawn(
-        write_loop(
-            shared.clone(),
-            connection.clone(),
-            sink,
-            queue,
-            unwritable.clone(),
-            peer.clone(),
-        )
-        .instrument(span.clone()),
-    );
+    // Not instrumented: entering the span at every poll of every writer
+    // cost 1.6 % of the hub's CPU in a fan-out; its one log line names the
+    // span as its parent instead.
+    let writer = tokio::spawn(write_loop(
+        shared.clone(),
+        connection.clone(),
+        sink,
+        queue,
+        unwritable.clone(),
+        peer.clone(),
+        span.clone(),
+    ));
     let mut session = Session {
         shared: shared.clone(),
         id,

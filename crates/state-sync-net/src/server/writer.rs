@@ -62,6 +62,7 @@ pub(super) async fn write_loop(
     mut answers: mpsc::Receiver<Box<Queued>>,
     unwritable: CancellationToken,
     peer: Peer,
+    span: tracing::Span,
 ) {
     let counters = &shared.counters;
     let limit = shared.config.write_timeout;
@@ -120,7 +121,7 @@ pub(super) async fn write_loop(
             counters
                 .connections_closed_unwritable
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, %reason, "closing the connection");
+            tracing::info!(parent: &span, %peer, %reason, "closing the connection");
             unwritable.cancel();
             return;
         }
