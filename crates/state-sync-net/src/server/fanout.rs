@@ -9,10 +9,13 @@ use crate::TopicMap;
 pub(super) struct Connection {
     pub(super) outbox: Mutex<Outbox>,
     pub(super) wake: Notify,
-    /// Set after an answer is queued: the writer, woken for invalidations,
-    /// looks at the answer queue only then (an empty look is a cache miss
-    /// per connection on every fan-out).
+    /// Set after an answer is queued: the writer, woken, looks at the
+    /// answer queue only then (an empty look is a cache miss per
+    /// connection on every fan-out).
     pub(super) answer_queued: AtomicBool,
+    /// Set once the connection's session is over: the writer writes what
+    /// is queued and closes.
+    pub(super) session_ended: AtomicBool,
 }
 
 /// What waits to be written, and what was written, on one connection.
@@ -48,6 +51,7 @@ impl Connection {
             outbox: Mutex::default(),
             wake: Notify::new(),
             answer_queued: AtomicBool::new(false),
+            session_ended: AtomicBool::new(false),
         }
     }
 
@@ -79,6 +83,18 @@ impl Connection {
             outbox.pending.insert(topic.clone(), pending).is_some()
         };
         self.pushed(replaced, counters);
+    }
+
+    /// Tells the writer an answer waits in its queue.
+    pub(super) fn answer_queued(&self) {
+        self.answer_queued.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Tells the writer the session is over.
+    pub(super) fn session_ended(&self) {
+        self.session_ended.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     fn pushed(&self, replaced: bool, counters: &Counters) {

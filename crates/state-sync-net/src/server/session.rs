@@ -225,6 +225,14 @@ pub(super) struct Session {
     pub(super) unwritable: CancellationToken,
 }
 
+impl Drop for Session {
+    /// However the session ends (also cancelled), its writer writes what
+    /// was queued and closes.
+    fn drop(&mut self) {
+        self.connection.session_ended();
+    }
+}
+
 pub(super) type Answer = Result<Bytes, Bytes>;
 
 /// A request being handled: the topic it concerns and its answer.
@@ -271,7 +279,7 @@ impl Session {
             .send(Box::new(Queued { frame, _room: room }))
             .await
             .is_ok();
-        self.connection.answer_queued.store(true, Ordering::Release);
+        self.connection.answer_queued();
         queued
     }
 

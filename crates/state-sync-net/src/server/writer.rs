@@ -52,7 +52,7 @@ pub(super) struct Queued {
     pub(super) _room: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
-/// Writes answers and pending invalidations until the reader is done, each
+/// Writes answers and pending invalidations until the session is over, each
 /// write within the write timeout. A connection that cannot be written to
 /// is closed, with the reason logged, never left silent.
 pub(super) async fn write_loop(
@@ -74,49 +74,53 @@ pub(super) async fn write_loop(
             .fetch_add(queued.frame.len() as u64, Ordering::Relaxed);
         send_within(sink, queued.frame, limit).await
     };
+    // One wake-up for invalidations, answers and the session's end: the
+    // answer queue is looked at only when an answer was queued.
     loop {
-        // Invalidations first, without looking at the answer queue; the
-        // answers queued meanwhile are written right after them, so a
-        // storm of invalidations never holds answers back.
-        let result = tokio::select! {
-            biased;
-            () = connection.wake.notified() => {
-                connection.take_pending(&mut batch);
-                let written = async {
-                    for Pending { frame, inlined, delta, .. } in batch.drain(..) {
-                        counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
-                        crate::metrics::invalidation_sent(inlined);
-                        crate::metrics::bytes_out(peer.transport, frame.len());
-                        counters.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                        if delta {
-                            counters.snapshots_as_deltas.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if inlined > 0 {
-                            counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
-                            counters
-                                .snapshot_bytes_inlined
-                                .fetch_add(inlined as u64, Ordering::Relaxed);
-                        }
-                        sink.feed(frame).await?;
+        connection.wake.notified().await;
+        connection.take_pending(&mut batch);
+        let mut result = Ok(());
+        if !batch.is_empty() {
+            let written = async {
+                for Pending {
+                    frame,
+                    inlined,
+                    delta,
+                    ..
+                } in batch.drain(..)
+                {
+                    counters.invalidations_sent.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::invalidation_sent(inlined);
+                    crate::metrics::bytes_out(peer.transport, frame.len());
+                    counters
+                        .bytes_sent
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    if delta {
+                        counters.snapshots_as_deltas.fetch_add(1, Ordering::Relaxed);
                     }
-                    sink.flush().await
-                };
-                let mut result = within(limit, written).await;
-                if result.is_ok() && connection.answer_queued.swap(false, Ordering::AcqRel) {
-                    while let Ok(queued) = answers.try_recv() {
-                        result = write_answer(&mut sink, queued).await;
-                        if result.is_err() {
-                            break;
-                        }
+                    if inlined > 0 {
+                        counters.snapshots_inlined.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .snapshot_bytes_inlined
+                            .fetch_add(inlined as u64, Ordering::Relaxed);
                     }
+                    sink.feed(frame).await?;
                 }
-                result
+                sink.flush().await
+            };
+            result = within(limit, written).await;
+        }
+        // Read before the queue is drained: answers queued before the
+        // session ended are all in it then.
+        let ended = connection.session_ended.load(Ordering::Acquire);
+        if result.is_ok() && (connection.answer_queued.swap(false, Ordering::AcqRel) || ended) {
+            while let Ok(queued) = answers.try_recv() {
+                result = write_answer(&mut sink, queued).await;
+                if result.is_err() {
+                    break;
+                }
             }
-            answer = answers.recv() => match answer {
-                Some(queued) => write_answer(&mut sink, queued).await,
-                None => break,
-            },
-        };
+        }
         if let Err(reason) = result {
             counters
                 .connections_closed_unwritable
@@ -124,6 +128,9 @@ pub(super) async fn write_loop(
             tracing::info!(parent: &span, %peer, %reason, "closing the connection");
             unwritable.cancel();
             return;
+        }
+        if ended {
+            break;
         }
     }
     let _ = tokio::time::timeout(limit, sink.close()).await;
