@@ -384,7 +384,7 @@ impl Shared {
             let connections = lock(&self.connections);
             let pending: Vec<usize> = connections
                 .values()
-                .map(|c| lock(&c.outbox).pending.len())
+                .map(|c| lock(&c.outbox).waiting())
                 .collect();
             (connections.len(), pending)
         };
