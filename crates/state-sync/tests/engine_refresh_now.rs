@@ -40,6 +40,36 @@ impl Seen {
         })
     }
 
+    /// An applier that waits `delay`, then records.
+    fn waiting_applier(&self, delay: Duration) -> impl Applier<Value> + use<> {
+        let seen = self.clone();
+        applier::from_async_fn(move |s: SnapshotEnvelope<Value>| {
+            let seen = seen.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                seen.push(s.revision);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        })
+    }
+
+    /// An applier that records, then publishes the next revision to
+    /// `source` while the applied one is in `chain`.
+    fn chaining_applier(
+        &self,
+        source: &MemorySource<Value>,
+        chain: std::ops::Range<u64>,
+    ) -> impl Applier<Value> + use<> {
+        let (seen, source) = (self.clone(), source.clone());
+        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
+            seen.push(s.revision);
+            if chain.contains(&s.revision.get()) {
+                source.publish(json!(s.revision.get() + 1));
+            }
+            Ok::<_, std::convert::Infallible>(())
+        })
+    }
+
     fn assert_strictly_increasing_to(&self, last: u64) {
         let seen = self.all();
         assert!(
@@ -122,19 +152,11 @@ async fn an_at_once_source_and_applier_apply_every_burst_in_order() {
 async fn a_waiting_applier_after_an_at_once_fetch_applies_in_turn_and_stop_waits_for_it() {
     let source = MemorySource::new(topic(), json!(0));
     let seen = Seen::default();
-    let record = seen.clone();
     let h = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
-        applier::from_async_fn(move |s: SnapshotEnvelope<Value>| {
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                record.push(s.revision);
-                Ok::<_, std::convert::Infallible>(())
-            }
-        }),
+        seen.waiting_applier(Duration::from_millis(10)),
     )
     .build();
     h.start().await.unwrap();
@@ -229,23 +251,10 @@ async fn an_at_once_applier_that_fails_or_panics_is_reported_and_the_next_event_
 #[tokio::test(start_paused = true)]
 async fn an_at_once_applier_that_publishes_to_its_own_source_converges() {
     let source = MemorySource::new(topic(), json!(0));
-    let writer = source.clone();
     let seen = Seen::default();
-    let record = seen.clone();
-    let h = SyncHandle::from_parts(
-        topic(),
-        source.clone(),
-        source.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            record.push(s.revision);
-            // Each apply causes the next revision, until 10.
-            if s.revision.get() < 10 {
-                writer.publish(json!(s.revision.get() + 1));
-            }
-            Ok::<_, std::convert::Infallible>(())
-        }),
-    )
-    .build();
+    // Each apply causes the next revision, until 10.
+    let applier = seen.chaining_applier(&source, 0..10);
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), applier).build();
     h.start().await.unwrap();
     h.wait_for_revision(Revision::new(10))
         .within_limit()
@@ -261,17 +270,8 @@ async fn a_handle_that_never_catches_up_still_lets_other_tasks_run() {
     // Each apply publishes the next revision, forever: the worker always
     // has a refresh to run, each one at once.
     let source = MemorySource::new(topic(), json!(0));
-    let writer = source.clone();
-    let h = SyncHandle::from_parts(
-        topic(),
-        source.clone(),
-        source.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            writer.publish(json!(s.revision.get() + 1));
-            Ok::<_, std::convert::Infallible>(())
-        }),
-    )
-    .build();
+    let applier = Seen::default().chaining_applier(&source, 0..u64::MAX);
+    let h = SyncHandle::from_parts(topic(), source.clone(), source.clone(), applier).build();
     h.start().await.unwrap();
     // On this one-thread runtime, another task and this one still run.
     let ticks = Arc::new(AtomicUsize::new(0));
@@ -353,19 +353,11 @@ async fn refresh_on_delivery_hands_what_waits_to_the_worker() {
     assert!(provider.fetches_now.load(Ordering::SeqCst) >= 2);
 
     let waiting = Seen::default();
-    let record = waiting.clone();
     let slow = SyncHandle::from_parts(
         topic(),
         source.clone(),
         source.clone(),
-        applier::from_async_fn(move |s: SnapshotEnvelope<Value>| {
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                record.push(s.revision);
-                Ok::<_, std::convert::Infallible>(())
-            }
-        }),
+        waiting.waiting_applier(Duration::from_millis(5)),
     )
     .refresh_on_delivery(true)
     .build();
@@ -378,23 +370,11 @@ async fn refresh_on_delivery_hands_what_waits_to_the_worker() {
     waiting.assert_strictly_increasing_to(last.get());
 
     let own = MemorySource::new(topic(), json!(0));
-    let writer = own.clone();
     let chained = Seen::default();
-    let record = chained.clone();
-    let chain = SyncHandle::from_parts(
-        topic(),
-        own.clone(),
-        own.clone(),
-        applier::from_fn(move |s: SnapshotEnvelope<Value>| {
-            record.push(s.revision);
-            if (1..10).contains(&s.revision.get()) {
-                writer.publish(json!(s.revision.get() + 1));
-            }
-            Ok::<_, std::convert::Infallible>(())
-        }),
-    )
-    .refresh_on_delivery(true)
-    .build();
+    let applier = chained.chaining_applier(&own, 1..10);
+    let chain = SyncHandle::from_parts(topic(), own.clone(), own.clone(), applier)
+        .refresh_on_delivery(true)
+        .build();
     chain.start().await.unwrap();
     own.publish(json!(1));
     chain
