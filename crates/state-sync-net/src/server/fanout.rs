@@ -18,52 +18,14 @@ pub(super) struct Connection {
     pub(super) session_ended: AtomicBool,
 }
 
-/// What waits to be written, and what was written, on one connection: one
-/// entry per topic, so a push and a write each find it with one lookup.
+/// What waits to be written, and what was written, on one connection.
 #[derive(Default)]
 pub(super) struct Outbox {
-    topics: TopicMap<TopicOutbox>,
-    /// The topics with a frame waiting, in the order they got one.
-    waiting: Vec<Topic>,
-}
-
-/// One topic's part of an [`Outbox`].
-#[derive(Default)]
-struct TopicOutbox {
-    /// The newest invalidation frame not written yet.
-    pending: Option<Pending>,
-    /// The newest snapshot handed to the writer (pushed or answered),
-    /// which a delta may start from, as the client keeps the newest it was
-    /// given on this connection. Recorded only on subscriptions with
-    /// deltas.
-    delivered: Option<Revision>,
-}
-
-impl Outbox {
-    /// Queues the frame `make` returns, given what was last delivered on
-    /// `topic`, as its newest; whether it replaced one. One lookup.
-    fn queue(&mut self, topic: &Topic, make: impl FnOnce(Option<Revision>) -> Pending) -> bool {
-        let replaced = match self.topics.get_mut(topic) {
-            Some(entry) => entry.pending.replace(make(entry.delivered)).is_some(),
-            None => {
-                let entry = TopicOutbox {
-                    pending: Some(make(None)),
-                    delivered: None,
-                };
-                self.topics.insert(topic.clone(), entry);
-                false
-            }
-        };
-        if !replaced {
-            self.waiting.push(topic.clone());
-        }
-        replaced
-    }
-
-    /// Frames waiting to be written.
-    pub(super) fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
+    pub(super) pending: TopicMap<Pending>,
+    /// Per subscribed topic: the newest snapshot handed to the writer
+    /// (pushed or answered), which a delta may start from, as the client
+    /// keeps the newest it was given on this connection.
+    pub(super) delivered: TopicMap<Revision>,
 }
 
 /// An invalidation frame waiting to be written, shared by every connection
@@ -95,7 +57,10 @@ impl Connection {
 
     /// Called inside the hub's publish: never blocks.
     pub(super) fn push(&self, topic: &Topic, pending: Pending, counters: &Counters) {
-        let replaced = lock(&self.outbox).queue(topic, |_| pending);
+        let replaced = lock(&self.outbox)
+            .pending
+            .insert(topic.clone(), pending)
+            .is_some();
         self.pushed(replaced, counters);
     }
 
@@ -108,14 +73,15 @@ impl Connection {
         full: impl FnOnce() -> Pending,
         counters: &Counters,
     ) {
-        let replaced = lock(&self.outbox).queue(topic, |delivered| {
+        let replaced = {
+            let mut outbox = lock(&self.outbox);
             let mut pending = match delta {
-                Some((base, frame)) if delivered == Some(base) => frame.clone(),
+                Some((base, frame)) if outbox.delivered.get(topic) == Some(&base) => frame.clone(),
                 _ => full(),
             };
             pending.base_for_deltas = true;
-            pending
-        });
+            outbox.pending.insert(topic.clone(), pending).is_some()
+        };
         self.pushed(replaced, counters);
     }
 
@@ -144,19 +110,12 @@ impl Connection {
     /// The frames to write now, recording what they give the client.
     pub(super) fn take_pending(&self, into: &mut Vec<Pending>) {
         let mut outbox = lock(&self.outbox);
-        let Outbox { topics, waiting } = &mut *outbox;
-        for topic in waiting.drain(..) {
-            // Gone if the subscription ended since.
-            let Some(entry) = topics.get_mut(&topic) else {
-                continue;
-            };
-            let Some(frame) = entry.pending.take() else {
-                continue;
-            };
+        let Outbox { pending, delivered } = &mut *outbox;
+        for (topic, frame) in pending.drain() {
             if frame.base_for_deltas
                 && let Some(revision) = frame.gives
             {
-                record(&mut entry.delivered, revision);
+                record(delivered, topic, revision);
             }
             into.push(frame);
         }
@@ -165,22 +124,14 @@ impl Connection {
     /// Records that the client was answered `topic`'s snapshot at
     /// `revision`, so a delta may start from it.
     pub(super) fn answered(&self, topic: &Topic, revision: Revision) {
-        let mut outbox = lock(&self.outbox);
-        match outbox.topics.get_mut(topic) {
-            Some(entry) => record(&mut entry.delivered, revision),
-            None => {
-                let entry = TopicOutbox {
-                    pending: None,
-                    delivered: Some(revision),
-                };
-                outbox.topics.insert(topic.clone(), entry);
-            }
-        }
+        record(&mut lock(&self.outbox).delivered, topic.clone(), revision);
     }
 
     /// Forgets `topic`'s frames, as its subscription ends.
     pub(super) fn forget(&self, topic: &Topic) {
-        lock(&self.outbox).topics.remove(topic);
+        let mut outbox = lock(&self.outbox);
+        outbox.pending.remove(topic);
+        outbox.delivered.remove(topic);
     }
 }
 
@@ -199,8 +150,9 @@ impl Counters {
 }
 
 /// The client keeps the newest snapshot it was given: so does this record.
-fn record(delivered: &mut Option<Revision>, revision: Revision) {
-    *delivered = (*delivered).max(Some(revision));
+fn record(delivered: &mut TopicMap<Revision>, topic: Topic, revision: Revision) {
+    let at = delivered.entry(topic).or_insert(revision);
+    *at = (*at).max(revision);
 }
 
 /// A connection subscribed to a topic, and whether it asked for inline

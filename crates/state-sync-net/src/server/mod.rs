@@ -384,7 +384,7 @@ impl Shared {
             let connections = lock(&self.connections);
             let pending: Vec<usize> = connections
                 .values()
-                .map(|c| lock(&c.outbox).waiting())
+                .map(|c| lock(&c.outbox).pending.len())
                 .collect();
             (connections.len(), pending)
         };
