@@ -115,7 +115,7 @@ impl Pending {
     fn merge(&mut self, event: Option<&InvalidationEvent>, forced: bool) {
         self.forced |= forced;
         if let Some(e) = event
-            && self.event.as_ref().is_none_or(|p| e.revision >= p.revision)
+            && self.takes(e.revision)
         {
             self.event = Some(PendingEvent {
                 revision: e.revision,
@@ -130,10 +130,16 @@ impl Pending {
     fn absorb(&mut self, other: Pending) {
         self.forced |= other.forced;
         if let Some(e) = other.event
-            && self.event.as_ref().is_none_or(|p| e.revision >= p.revision)
+            && self.takes(e.revision)
         {
             self.event = Some(e);
         }
+    }
+
+    /// Whether an event at `revision` replaces the one held: the newest
+    /// stays.
+    fn takes(&self, revision: Revision) -> bool {
+        self.event.as_ref().is_none_or(|p| revision >= p.revision)
     }
 
     /// The event that asked for this refresh, if any, left in place (for
