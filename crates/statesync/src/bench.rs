@@ -43,12 +43,15 @@ pub(crate) struct BenchArgs {
     /// For the temporary hub: `unix` or `websocket`.
     #[arg(long, default_value = "unix", value_parser = ["unix", "websocket"])]
     transport: String,
-    /// Also run what a user would build instead, on a `redis-server` this
-    /// command starts: Redis pub/sub for invalidations plus `GET` of one
-    /// key, coalescing replicas; same clients, rate, document and latency
-    /// definition. Prints both, and the hub's figures as ratios to Redis's.
-    #[arg(long, value_parser = ["redis"])]
-    baseline: Option<String>,
+    /// Also run a baseline with the same clients, rate and latency
+    /// definition, and print the hub's figures as ratios to its (repeat or
+    /// separate with commas for several). `redis`: what a user would build
+    /// instead, on a `redis-server` this command starts: Redis pub/sub for
+    /// invalidations plus `GET` of one key, coalescing replicas.
+    /// `sockets`: the floor, plain sockets of the hub's kind carrying as
+    /// many bytes per replica as the hub sent, with nothing above them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    baseline: Vec<Baseline>,
     /// Replicas ask for whole snapshots, never deltas (to measure what
     /// deltas save).
     #[arg(long)]
@@ -68,6 +71,15 @@ pub(crate) struct BenchArgs {
     json: bool,
     #[command(flatten)]
     hub: HubArgs,
+}
+
+/// What `--baseline` runs beside the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Baseline {
+    /// Redis pub/sub + `GET`, coalescing replicas.
+    Redis,
+    /// Plain sockets, no protocol: the kernel's floor.
+    Sockets,
 }
 
 /// Per replica: (revision, when applied).
@@ -147,26 +159,71 @@ pub(crate) async fn run(args: BenchArgs) -> u8 {
     }
 }
 
-/// The hub's run and, with `--baseline redis`, Redis's.
+/// The hub's run and, with `--baseline`, each baseline's beside it.
 async fn measure(args: &BenchArgs) -> Result<Value, u8> {
-    match bench(args).await {
-        Ok(hub) if args.baseline.is_some() => {
-            let load = crate::bench_redis::Load {
-                clients: args.clients,
-                writes: args.writes,
-                rate: args.rate,
-                payload_bytes: args.payload_bytes,
-            };
-            match crate::bench_redis::run(load).await {
-                Ok(redis) => Ok(with_baseline(hub, redis)),
-                Err(e) => Err(fail(
-                    exit::FAILURE,
-                    format!("the Redis baseline failed: {e}"),
-                )),
+    let hub = bench(args).await?;
+    if args.baseline.is_empty() {
+        return Ok(hub);
+    }
+    let mut result = json!({ "hub": hub });
+    for baseline in &args.baseline {
+        match baseline {
+            Baseline::Redis => {
+                let load = crate::bench_redis::Load {
+                    clients: args.clients,
+                    writes: args.writes,
+                    rate: args.rate,
+                    payload_bytes: args.payload_bytes,
+                };
+                let redis = crate::bench_redis::run(load)
+                    .await
+                    .map_err(|e| fail(exit::FAILURE, format!("the Redis baseline failed: {e}")))?;
+                result["hub_over_redis"] = over_redis(&result["hub"], &redis);
+                result["redis"] = redis;
+            }
+            Baseline::Sockets => {
+                let load = crate::bench_sockets::Load {
+                    transport: sockets_transport(args)?,
+                    clients: args.clients,
+                    writes: args.writes,
+                    rate: args.rate,
+                    frame_bytes: bytes_per_replica(&result["hub"]).unwrap_or(args.payload_bytes),
+                };
+                let sockets = crate::bench_sockets::run(load).await.map_err(|e| {
+                    fail(exit::FAILURE, format!("the sockets baseline failed: {e}"))
+                })?;
+                result["hub_over_sockets"] = over_sockets(&result["hub"], &sockets);
+                result["sockets"] = sockets;
             }
         }
-        other => other,
     }
+    Ok(result)
+}
+
+/// The floor's sockets: TCP under a WebSocket hub, Unix sockets otherwise.
+fn sockets_transport(args: &BenchArgs) -> Result<crate::bench_sockets::Transport, u8> {
+    let websocket = if args.hub.names_a_hub() {
+        matches!(hub_endpoint(&args.hub), Endpoint::WebSocket(_))
+    } else {
+        args.transport == "websocket"
+    };
+    if websocket {
+        return Ok(crate::bench_sockets::Transport::Tcp);
+    }
+    #[cfg(unix)]
+    return Ok(crate::bench_sockets::Transport::Unix);
+    #[cfg(not(unix))]
+    Err(fail(
+        exit::BAD_INPUT,
+        "on this platform the sockets baseline measures TCP only: bench a WebSocket hub",
+    ))
+}
+
+/// What the hub sent each replica per write, in bytes.
+fn bytes_per_replica(hub: &Value) -> Option<usize> {
+    let bytes = hub["hub_bytes_out_per_write"].as_f64()?;
+    let clients = hub["clients"].as_f64().filter(|c| *c > 0.0)?;
+    Some((bytes / clients).round() as usize)
 }
 
 /// `--plot`: p99 against replicas, then against document size, hub and
@@ -174,7 +231,7 @@ async fn measure(args: &BenchArgs) -> Result<Value, u8> {
 async fn sweep(args: &BenchArgs, dir: &std::path::Path) -> Result<Value, u8> {
     std::fs::create_dir_all(dir).map_err(|e| fail(exit::FAILURE, e))?;
     let base = BenchArgs {
-        baseline: Some("redis".into()),
+        baseline: vec![Baseline::Redis],
         json: true,
         plot: None,
         ..args.clone()
@@ -399,47 +456,78 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
     }))
 }
 
-/// The hub's run, Redis's, and the hub's figures over Redis's.
-fn with_baseline(hub: Value, redis: Value) -> Value {
-    let ratio = |a: &Value, b: &Value| {
-        a.as_f64()
-            .zip(b.as_f64())
-            .filter(|(_, b)| *b > 0.0)
-            .map(|(a, b)| (a / b * 100.0).round() / 100.0)
-    };
-    let p50 = ratio(&hub["p50_ms"], &redis["p50_ms"]);
-    let p99 = ratio(&hub["p99_ms"], &redis["p99_ms"]);
-    let bytes = ratio(
-        &hub["hub_bytes_out_per_write"],
-        &redis["redis_bytes_out_per_write"],
-    );
+/// `a / b` to two decimals, where both are numbers and `b` is not zero.
+fn ratio(a: &Value, b: &Value) -> Option<f64> {
+    a.as_f64()
+        .zip(b.as_f64())
+        .filter(|(_, b)| *b > 0.0)
+        .map(|(a, b)| (a / b * 100.0).round() / 100.0)
+}
+
+/// The hub's figures over Redis's.
+fn over_redis(hub: &Value, redis: &Value) -> Value {
     json!({
-        "hub_over_redis": {"p50": p50, "p99": p99, "bytes_per_write": bytes},
-        "hub": hub,
-        "redis": redis,
+        "p50": ratio(&hub["p50_ms"], &redis["p50_ms"]),
+        "p99": ratio(&hub["p99_ms"], &redis["p99_ms"]),
+        "bytes_per_write": ratio(&hub["hub_bytes_out_per_write"], &redis["redis_bytes_out_per_write"]),
+    })
+}
+
+/// The hub's figures over the floor's. CPU is the hub's and its clients'
+/// together, as the floor's is its senders' and receivers'.
+fn over_sockets(hub: &Value, sockets: &Value) -> Value {
+    let cpu = hub["client_cpu_ms_per_write"]
+        .as_f64()
+        .map(|client| client + hub["hub_cpu_ms_per_write"].as_f64().unwrap_or(0.0));
+    json!({
+        "p50": ratio(&hub["p50_ms"], &sockets["p50_ms"]),
+        "p99": ratio(&hub["p99_ms"], &sockets["p99_ms"]),
+        "cpu_per_write": ratio(&json!(cpu), &sockets["cpu_ms_per_write"]),
     })
 }
 
 fn table(result: &Value) -> String {
-    if result.get("redis").is_some() {
+    if result.get("hub").is_some_and(Value::is_object) {
+        let mut text = table(&result["hub"]);
         let redis = &result["redis"];
-        return format!(
-            "{}\n\nbaseline: Redis pub/sub + GET, {} coalescing replicas\n\
-             convergence: p50 {} ms, p99 {} ms, max {} ms\n\
-             CPU per write: client {} ms, Redis {} ms; Redis bytes out per write: {}\n\
-             hub over Redis: p50 {}, p99 {}, bytes per write {}",
-            table(&result["hub"]),
-            redis["clients"],
-            redis["p50_ms"],
-            redis["p99_ms"],
-            redis["max_ms"],
-            redis["client_cpu_ms_per_write"],
-            redis["redis_cpu_ms_per_write"],
-            redis["redis_bytes_out_per_write"],
-            result["hub_over_redis"]["p50"],
-            result["hub_over_redis"]["p99"],
-            result["hub_over_redis"]["bytes_per_write"],
-        );
+        if !redis.is_null() {
+            text += &format!(
+                "\n\nbaseline: Redis pub/sub + GET, {} coalescing replicas\n\
+                 convergence: p50 {} ms, p99 {} ms, max {} ms\n\
+                 CPU per write: client {} ms, Redis {} ms; Redis bytes out per write: {}\n\
+                 hub over Redis: p50 {}, p99 {}, bytes per write {}",
+                redis["clients"],
+                redis["p50_ms"],
+                redis["p99_ms"],
+                redis["max_ms"],
+                redis["client_cpu_ms_per_write"],
+                redis["redis_cpu_ms_per_write"],
+                redis["redis_bytes_out_per_write"],
+                result["hub_over_redis"]["p50"],
+                result["hub_over_redis"]["p99"],
+                result["hub_over_redis"]["bytes_per_write"],
+            );
+        }
+        let sockets = &result["sockets"];
+        if !sockets.is_null() {
+            text += &format!(
+                "\n\nbaseline: plain {} sockets (the floor), {} connections, {} B each per write, {} threads each way\n\
+                 convergence: p50 {} ms, p99 {} ms, max {} ms; CPU per write: {} ms\n\
+                 hub over the floor: p50 {}, p99 {}, CPU per write {}",
+                sockets["transport"].as_str().unwrap_or("?"),
+                sockets["clients"],
+                sockets["frame_bytes"],
+                sockets["threads"],
+                sockets["p50_ms"],
+                sockets["p99_ms"],
+                sockets["max_ms"],
+                sockets["cpu_ms_per_write"],
+                result["hub_over_sockets"]["p50"],
+                result["hub_over_sockets"]["p99"],
+                result["hub_over_sockets"]["cpu_per_write"],
+            );
+        }
+        return text;
     }
     let show = |key: &str| match &result[key] {
         Value::Null => "n/a".to_owned(),

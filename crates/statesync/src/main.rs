@@ -3,6 +3,7 @@
 mod bench;
 mod bench_plot;
 mod bench_redis;
+mod bench_sockets;
 mod commands;
 mod config;
 mod demo;

@@ -247,3 +247,41 @@ fn bench_compares_the_hub_with_a_redis_baseline_in_the_same_run() {
         "{result}"
     );
 }
+
+#[test]
+fn bench_measures_the_floor_of_plain_sockets_of_the_hubs_kind() {
+    for (transport, floor) in [("unix", "unix"), ("websocket", "tcp")] {
+        let result = json_of(&[
+            "bench",
+            "--clients",
+            "5",
+            "--writes",
+            "10",
+            "--rate",
+            "200",
+            "--transport",
+            transport,
+            "--baseline",
+            "sockets",
+            "--json",
+        ]);
+        let sockets = &result["sockets"];
+        assert_eq!(sockets["transport"], floor, "{result}");
+        assert_eq!(sockets["clients"], 5);
+        assert_eq!(sockets["writes"], 10);
+        // As many bytes per replica as the hub sent.
+        let hub_bytes = result["hub"]["hub_bytes_out_per_write"].as_f64().unwrap();
+        assert_eq!(
+            sockets["frame_bytes"].as_f64().unwrap(),
+            (hub_bytes / 5.0).round(),
+            "{result}"
+        );
+        assert!(sockets["p99_ms"].as_f64().unwrap() > 0.0, "{result}");
+        assert!(sockets["cpu_ms_per_write"].as_f64().is_some(), "{result}");
+        assert!(
+            result["hub_over_sockets"]["p99"].as_f64().is_some(),
+            "{result}"
+        );
+        assert!(result.get("redis").is_none(), "{result}");
+    }
+}
