@@ -60,8 +60,8 @@ pub(crate) struct BenchArgs {
     /// their handle's worker (`SyncHandleBuilder::refresh_on_delivery`).
     #[arg(long)]
     refresh_on_delivery: bool,
-    /// Sweep and draw: the same load on the hub and on the Redis
-    /// baseline at 100, 300 and `--clients` replicas, then at 1 KiB,
+    /// Sweep and draw: the same load on the hub, on the Redis baseline
+    /// and on plain sockets at 100, 300 and `--clients` replicas, then at 1 KiB,
     /// 16 KiB and 64 KiB documents; writes `p99-vs-replicas.svg`,
     /// `p99-vs-document-size.svg` and `sweep.json` into this directory.
     #[arg(long, value_name = "DIR")]
@@ -226,12 +226,12 @@ fn bytes_per_replica(hub: &Value) -> Option<usize> {
     Some((bytes / clients).round() as usize)
 }
 
-/// `--plot`: p99 against replicas, then against document size, hub and
-/// Redis at every point.
+/// `--plot`: p99 against replicas, then against document size, hub, Redis
+/// and the floor at every point.
 async fn sweep(args: &BenchArgs, dir: &std::path::Path) -> Result<Value, u8> {
     std::fs::create_dir_all(dir).map_err(|e| fail(exit::FAILURE, e))?;
     let base = BenchArgs {
-        baseline: vec![Baseline::Redis],
+        baseline: vec![Baseline::Redis, Baseline::Sockets],
         json: true,
         plot: None,
         ..args.clone()

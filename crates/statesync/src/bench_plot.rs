@@ -1,6 +1,7 @@
 //! `statesync bench --plot DIR`: the load generator's sweep, drawn. The same
-//! load on the hub and on the Redis baseline, point by point in one run:
-//! p99 against replicas and against document size, as SVG.
+//! load on the hub, on the Redis baseline and on plain sockets (the floor),
+//! point by point in one run: p99 against replicas and against document
+//! size, as SVG.
 
 use std::path::Path;
 
@@ -13,8 +14,9 @@ pub(crate) struct Series {
     pub(crate) points: Vec<(f64, f64)>,
 }
 
-/// The curves of one sweep: hub and Redis, from the sweep's results
-/// (`{x, hub: {p99_ms}, redis: {p99_ms}}` each).
+/// The curves of one sweep: hub, Redis and the floor, from the sweep's
+/// results (`{hub: {p99_ms}, redis: {p99_ms}, sockets: {p99_ms}}` each);
+/// a baseline that was not run has no curve.
 pub(crate) fn series_of(points: &[(f64, Value)]) -> Vec<Series> {
     let curve = |name: &'static str, key: &str| Series {
         name,
@@ -23,10 +25,14 @@ pub(crate) fn series_of(points: &[(f64, Value)]) -> Vec<Series> {
             .filter_map(|(x, result)| Some((*x, result[key]["p99_ms"].as_f64()?)))
             .collect(),
     };
-    vec![
+    [
         curve("state-sync hub", "hub"),
         curve("Redis pub/sub + GET", "redis"),
+        curve("plain sockets (the floor)", "sockets"),
     ]
+    .into_iter()
+    .filter(|series| !series.points.is_empty())
+    .collect()
 }
 
 /// Draws `series` as lines over a logarithmic x axis into an SVG at `path`.
@@ -107,7 +113,9 @@ pub(crate) fn summary(by_replicas: &[(f64, Value)], by_size: &[(f64, Value)]) ->
                     x: at,
                     "hub_p99_ms": r["hub"]["p99_ms"],
                     "redis_p99_ms": r["redis"]["p99_ms"],
+                    "sockets_p99_ms": r["sockets"]["p99_ms"],
                     "hub_over_redis": r["hub_over_redis"],
+                    "hub_over_sockets": r["hub_over_sockets"],
                 })
             })
             .collect()
@@ -123,16 +131,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sweep_is_drawn_as_an_svg_with_both_curves() {
+    fn a_sweep_is_drawn_as_an_svg_with_a_curve_per_system() {
         let dir = tempfile::tempdir().unwrap();
-        let point =
-            |hub: f64, redis: f64| json!({"hub": {"p99_ms": hub}, "redis": {"p99_ms": redis}});
-        let points = vec![(100.0, point(3.0, 9.0)), (1000.0, point(14.0, 90.0))];
+        let point = |hub: f64, redis: f64, sockets: f64| json!({"hub": {"p99_ms": hub}, "redis": {"p99_ms": redis}, "sockets": {"p99_ms": sockets}});
+        let points = vec![
+            (100.0, point(3.0, 9.0, 1.0)),
+            (1000.0, point(14.0, 90.0, 8.0)),
+        ];
         let path = dir.path().join("p99.svg");
         draw(&path, "p99", "replicas", &series_of(&points)).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
         assert!(svg.contains("state-sync hub") && svg.contains("Redis pub/sub + GET"));
+        assert!(svg.contains("plain sockets (the floor)"));
         assert!(draw(&path, "p99", "replicas", &series_of(&points[..1])).is_err());
+    }
+
+    #[test]
+    fn a_baseline_that_was_not_run_has_no_curve() {
+        let points = vec![(
+            100.0,
+            json!({"hub": {"p99_ms": 3.0}, "redis": {"p99_ms": 9.0}}),
+        )];
+        let names: Vec<_> = series_of(&points).iter().map(|s| s.name).collect();
+        assert_eq!(names, ["state-sync hub", "Redis pub/sub + GET"]);
     }
 }
