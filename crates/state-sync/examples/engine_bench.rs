@@ -7,8 +7,9 @@
 //! - `stale_storm`: 1 000 000 invalidations at or below the local revision
 //!   1000 (none may fetch), each built in the loop as the JavaScript
 //!   engine's benchmark does (`{topic, revision: String(i % 1000)}`); also
-//!   with the revision given as a number, and through the gate alone with
-//!   prebuilt events;
+//!   with the revision given as a number, through the gate alone with
+//!   prebuilt events, and the text alone (`text_ns_per_event`: formatting
+//!   and reading back the revision, no event delivered);
 //! - `burst`: 100 000 publishes, each with its invalidation, until the
 //!   replica has the last one — the cost of coalescing;
 //! - `fanout`: 10 000 handles on one source, 20 updates each awaited until
@@ -121,6 +122,14 @@ async fn stale_storm() -> Result<(), BoxError> {
     }
     let built_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
 
+    // The text alone, no event delivered: how much of `built_ns` is the
+    // workload's `String(i % 1000)` and reading it back.
+    let t = Instant::now();
+    for i in 0..EVENTS {
+        black_box(text.format(black_box(i % 1000)).parse::<Revision>()?);
+    }
+    let text_ns = t.elapsed().as_nanos() as f64 / EVENTS as f64;
+
     // The same with the revision given as a number, as Rust transports
     // hand it over.
     let t = Instant::now();
@@ -140,7 +149,7 @@ async fn stale_storm() -> Result<(), BoxError> {
     let extra_fetches = fetches.load(Ordering::Relaxed) - 1;
     assert_eq!(extra_fetches, 0, "a stale event caused a fetch");
     println!(
-        r#"{{"workload":"stale_storm","events":{EVENTS},"ns_per_event":{built_ns:.2},"typed_ns_per_event":{typed_ns:.2},"gate_only_ns_per_event":{gate_ns:.2},"fetches":{extra_fetches}}}"#
+        r#"{{"workload":"stale_storm","events":{EVENTS},"ns_per_event":{built_ns:.2},"typed_ns_per_event":{typed_ns:.2},"text_ns_per_event":{text_ns:.2},"gate_only_ns_per_event":{gate_ns:.2},"fetches":{extra_fetches}}}"#
     );
     println!(
         r#"{{"workload":"baseline_clone","events":{EVENTS},"ns_per_event":{clone_ns:.2},"ratio_stale_storm_to_baseline":{:.2}}}"#,
