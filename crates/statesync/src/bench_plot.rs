@@ -35,6 +35,13 @@ pub(crate) fn series_of(points: &[(f64, Value)]) -> Vec<Series> {
     .collect()
 }
 
+/// One color per curve, in `series_of`'s order, each readable on white.
+const COLORS: [RGBColor; 3] = [
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(90, 90, 90),
+];
+
 /// Draws `series` as lines over a logarithmic x axis into an SVG at `path`.
 pub(crate) fn draw(
     path: &Path,
@@ -79,7 +86,7 @@ pub(crate) fn draw(
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()?;
     for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()].to_rgba();
         chart
             .draw_series(LineSeries::new(
                 s.points.iter().copied(),
