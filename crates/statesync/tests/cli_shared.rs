@@ -284,4 +284,18 @@ fn bench_measures_the_floor_of_plain_sockets_of_the_hubs_kind() {
         );
         assert!(result.get("redis").is_none(), "{result}");
     }
+    // As a table, below the hub's.
+    let out = statesync()
+        .args(["bench", "--clients", "3", "--writes", "5", "--rate", "200"])
+        .args(["--baseline", "sockets"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.starts_with("statesync bench: 3 replicas"), "{table}");
+    assert!(
+        table.contains("plain unix sockets (the floor), 3 connections"),
+        "{table}"
+    );
+    assert!(table.contains("hub over the floor: p50 "), "{table}");
 }
