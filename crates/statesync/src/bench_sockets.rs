@@ -2,10 +2,10 @@
 //! machine. The same number of connections on the same kind of socket
 //! (Unix, or loopback TCP for a WebSocket hub); on each write, a frame as
 //! large as what the hub sent each replica is written to every connection
-//! by one thread per core and read back by one polling thread per core (`mio`: epoll on Linux).
-//! No protocol, no decoding, no engine, no async runtime: what it costs is
-//! what the kernel charges for moving those bytes, which no hub can avoid.
-
+//! by one thread per core and read back by one polling thread per core
+//! (`mio`: epoll on Linux). No protocol, no decoding, no engine, no async
+//! runtime: what it costs is what the kernel charges for moving those
+//! bytes, which no hub can avoid.
 use std::io::{ErrorKind, Read, Write};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
