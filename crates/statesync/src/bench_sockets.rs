@@ -6,6 +6,7 @@
 //! (`mio`: epoll on Linux). No protocol, no decoding, no engine, no async
 //! runtime: what it costs is what the kernel charges for moving those
 //! bytes, which no hub can avoid.
+
 use std::io::{ErrorKind, Read, Write};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
