@@ -82,6 +82,16 @@ pub(crate) enum Baseline {
     Sockets,
 }
 
+/// The load every run of one measurement shares: the hub's and each
+/// baseline's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    pub(crate) clients: u32,
+    pub(crate) writes: u32,
+    pub(crate) rate: u32,
+    pub(crate) payload_bytes: usize,
+}
+
 /// Per replica: (revision, when applied).
 pub(crate) type Applied<R = Revision> = Arc<Mutex<Vec<(R, Instant)>>>;
 
@@ -165,16 +175,16 @@ async fn measure(args: &BenchArgs) -> Result<Value, u8> {
     if args.baseline.is_empty() {
         return Ok(hub);
     }
+    let load = Load {
+        clients: args.clients,
+        writes: args.writes,
+        rate: args.rate,
+        payload_bytes: args.payload_bytes,
+    };
     let mut result = json!({ "hub": hub });
     for baseline in &args.baseline {
         match baseline {
             Baseline::Redis => {
-                let load = crate::bench_redis::Load {
-                    clients: args.clients,
-                    writes: args.writes,
-                    rate: args.rate,
-                    payload_bytes: args.payload_bytes,
-                };
                 let redis = crate::bench_redis::run(load)
                     .await
                     .map_err(|e| fail(exit::FAILURE, format!("the Redis baseline failed: {e}")))?;
@@ -182,16 +192,13 @@ async fn measure(args: &BenchArgs) -> Result<Value, u8> {
                 result["redis"] = redis;
             }
             Baseline::Sockets => {
-                let load = crate::bench_sockets::Load {
-                    transport: sockets_transport(args)?,
-                    clients: args.clients,
-                    writes: args.writes,
-                    rate: args.rate,
-                    frame_bytes: bytes_per_replica(&result["hub"]).unwrap_or(args.payload_bytes),
-                };
-                let sockets = crate::bench_sockets::run(load).await.map_err(|e| {
-                    fail(exit::FAILURE, format!("the sockets baseline failed: {e}"))
-                })?;
+                let transport = sockets_transport(args)?;
+                let frame_bytes = bytes_per_replica(&result["hub"]).unwrap_or(args.payload_bytes);
+                let sockets = crate::bench_sockets::run(load, transport, frame_bytes)
+                    .await
+                    .map_err(|e| {
+                        fail(exit::FAILURE, format!("the sockets baseline failed: {e}"))
+                    })?;
                 result["hub_over_sockets"] = over_sockets(&result["hub"], &sockets);
                 result["sockets"] = sockets;
             }
@@ -402,9 +409,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
             ));
         }
     }
-    let cpu = cpu_time()
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
+    let cpu_ms = cpu_ms_since(cpu_before);
     let stats_after = writer.hub_status().await.ok();
     progress.done();
 
@@ -445,7 +450,7 @@ async fn bench(args: &BenchArgs) -> Result<Value, u8> {
         "p50_ms": latency.p50_ms,
         "p99_ms": latency.p99_ms,
         "max_ms": latency.max_ms,
-        "client_cpu_ms_per_write": cpu.map(|cpu| per_write(cpu.as_secs_f64() * 1e3)),
+        "client_cpu_ms_per_write": cpu_ms.map(per_write),
         "hub_cpu_ms_per_write": hub_cpu,
         "deltas": !args.no_deltas,
         "refresh_on_delivery": args.refresh_on_delivery,
@@ -564,6 +569,13 @@ pub(crate) fn cpu_time() -> Option<Duration> {
     cpu_time::ProcessTime::try_now()
         .ok()
         .map(|t| t.as_duration())
+}
+
+/// This process's CPU time since `before` (a [`cpu_time`]), in ms.
+pub(crate) fn cpu_ms_since(before: Option<Duration>) -> Option<f64> {
+    cpu_time()
+        .zip(before)
+        .map(|(after, before)| (after - before).as_secs_f64() * 1e3)
 }
 
 /// Progress on stderr, redrawn in place on a terminal.

@@ -12,19 +12,10 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use state_sync_redis::testkit::RedisServer;
 
-use crate::bench::{Applied, Convergence};
+use crate::bench::{Applied, Convergence, Load};
 
 const KEY: &str = "statesync-bench:doc";
 const CHANNEL: &str = "statesync-bench:changes";
-
-/// The load, as for the hub.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Load {
-    pub(crate) clients: u32,
-    pub(crate) writes: u32,
-    pub(crate) rate: u32,
-    pub(crate) payload_bytes: usize,
-}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Interest, Poll, Token};
 use serde_json::{Value, json};
 
-use crate::bench::{Applied, Convergence};
+use crate::bench::{Applied, Convergence, Load};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -42,35 +42,28 @@ impl Transport {
     }
 }
 
-/// The load, as for the hub.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Load {
-    pub(crate) transport: Transport,
-    pub(crate) clients: u32,
-    pub(crate) writes: u32,
-    pub(crate) rate: u32,
-    /// Bytes written to each connection per write.
-    pub(crate) frame_bytes: usize,
-}
-
-/// Runs the baseline; its figures as JSON.
+/// Runs the baseline under `load` (its document size aside), writing
+/// `frame_bytes` to each connection per write; its figures as JSON.
 ///
 /// # Errors
 ///
 /// The sockets cannot be opened (e.g. too few file descriptors) or a
 /// receiver saw nothing for 60 s.
-pub(crate) async fn run(load: Load) -> Result<Value, BoxError> {
+pub(crate) async fn run(
+    load: Load,
+    transport: Transport,
+    frame_bytes: usize,
+) -> Result<Value, BoxError> {
     // Plain threads and blocking writes: off the runtime's threads.
-    tokio::task::spawn_blocking(move || run_blocking(load)).await?
+    tokio::task::spawn_blocking(move || run_blocking(load, transport, frame_bytes)).await?
 }
 
-fn run_blocking(load: Load) -> Result<Value, BoxError> {
+fn run_blocking(load: Load, transport: Transport, frame_bytes: usize) -> Result<Value, BoxError> {
     let Load {
-        transport,
         clients,
         writes,
         rate,
-        frame_bytes,
+        ..
     } = load;
     let frame_bytes = frame_bytes.max(1);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -79,15 +72,10 @@ fn run_blocking(load: Load) -> Result<Value, BoxError> {
     let logs: Vec<Applied<u32>> = (0..clients)
         .map(|_| Arc::new(Mutex::new(Vec::with_capacity(writes as usize))))
         .collect();
-    let chunk = (clients as usize).div_ceil(threads);
+    let share = (clients as usize).div_ceil(threads);
     let mut reading = Vec::new();
-    let mut receivers = receivers;
-    let mut first = 0;
-    while !receivers.is_empty() {
-        let rest = receivers.split_off(chunk.min(receivers.len()));
-        let own = std::mem::replace(&mut receivers, rest);
-        let own_logs = logs[first..first + own.len()].to_vec();
-        first += own.len();
+    for (own, own_logs) in shares(receivers, share).into_iter().zip(logs.chunks(share)) {
+        let own_logs = own_logs.to_vec();
         reading.push(std::thread::spawn(move || {
             receive(own, &own_logs, frame_bytes, writes)
         }));
@@ -98,10 +86,7 @@ fn run_blocking(load: Load) -> Result<Value, BoxError> {
     let cpu_before = crate::bench::cpu_time();
     let mut sending = Vec::new();
     let mut starts = Vec::new();
-    let mut senders = senders;
-    while !senders.is_empty() {
-        let rest = senders.split_off(chunk.min(senders.len()));
-        let mut own = std::mem::replace(&mut senders, rest);
+    for mut own in shares(senders, share) {
         let (start, started) = mpsc::channel::<()>();
         starts.push(start);
         let frame = frame.clone();
@@ -122,8 +107,9 @@ fn run_blocking(load: Load) -> Result<Value, BoxError> {
         let due = began + Duration::from_secs_f64(f64::from(seq - 1) / f64::from(rate));
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         sent.push((seq, Instant::now()));
-        for start in &starts {
-            start.send(())?;
+        // A sender that stopped says why when joined, below.
+        if starts.iter().any(|start| start.send(()).is_err()) {
+            break;
         }
     }
     drop(starts);
@@ -133,7 +119,7 @@ fn run_blocking(load: Load) -> Result<Value, BoxError> {
     for thread in reading {
         thread.join().map_err(|_| "a receiving thread panicked")??;
     }
-    let cpu = cpu_time_since(cpu_before);
+    let cpu = crate::bench::cpu_ms_since(cpu_before);
     let latency = Convergence::of(&sent, &logs);
     Ok(json!({
         "baseline": "plain sockets",
@@ -150,10 +136,14 @@ fn run_blocking(load: Load) -> Result<Value, BoxError> {
     }))
 }
 
-fn cpu_time_since(before: Option<Duration>) -> Option<f64> {
-    crate::bench::cpu_time()
-        .zip(before)
-        .map(|(after, before)| (after - before).as_secs_f64() * 1e3)
+/// `items` in consecutive shares of `share` (the last may be shorter).
+fn shares<T>(mut items: Vec<T>, share: usize) -> Vec<Vec<T>> {
+    let mut shares = Vec::new();
+    while !items.is_empty() {
+        let rest = items.split_off(share.min(items.len()));
+        shares.push(std::mem::replace(&mut items, rest));
+    }
+    shares
 }
 
 /// One receiving thread: reads its connections as they become readable
