@@ -571,7 +571,7 @@ pub(crate) fn cpu_time() -> Option<Duration> {
         .map(|t| t.as_duration())
 }
 
-/// This process's CPU time since `before` (a [`cpu_time`]), in ms.
+/// This process's CPU time since `before` (read by [`cpu_time()`]), in ms.
 pub(crate) fn cpu_ms_since(before: Option<Duration>) -> Option<f64> {
     cpu_time()
         .zip(before)
